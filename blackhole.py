@@ -1,0 +1,2647 @@
+#!/usr/bin/env python3
+"""blackhole.py: an SMTP server that accepts every message and forgets it.
+
+One module, standard library only.  Run it::
+
+    python3 blackhole.py -c blackhole.ini
+
+or embed it in a test suite::
+
+    with blackhole.Server(mode="bounce") as server:
+        smtplib.SMTP(*server.address).sendmail(...)
+
+The contract is SPEC.md; section numbers in comments refer to it.
+"""
+
+# ###########################################################################
+# Header and exports
+# ###########################################################################
+
+import argparse
+import base64
+import binascii
+import collections
+import configparser
+import hashlib
+import hmac
+import ipaddress
+import itertools
+import logging
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "Config", "ConfigError", "Envelope", "Greylist", "Listener", "Server",
+    "SenderChecks", "SMTPError", "SMTPHandler", "SMTPServer", "Stats",
+    "ThreadingSMTPServer", "TokenBucket", "main", "parse_directives",
+    "parse_listen", "parse_params", "parse_path", "parse_proxy_v1",
+    "parse_proxy_v2",
+]
+
+log = logging.getLogger("blackhole")
+
+
+# ###########################################################################
+# Constants
+# ###########################################################################
+
+EX_OK = 0
+EX_USAGE = 64           # os.EX_USAGE, which not every platform defines
+
+BOUNCES = {             # section 4.2: code -> enhanced code and text
+    450: "4.2.1 Requested mail action not taken: mailbox unavailable",
+    451: "4.3.0 Requested action aborted: local error in processing",
+    452: "4.3.1 Requested action not taken: insufficient system storage",
+    458: "4.3.0 Unable to queue message",
+    521: "5.3.2 Machine does not accept mail",
+    550: "5.1.1 Requested action not taken: mailbox unavailable",
+    551: "5.1.6 User not local",
+    552: "5.2.2 Requested mail action aborted: exceeded storage allocation",
+    553: "5.1.3 Requested action not taken: mailbox name not allowed",
+    571: "5.7.1 Blocked",
+}
+MODES = ("accept", "bounce", "random")
+MAX_DELAY = 60          # seconds; kura/blackhole's cap on any delay
+
+SYNTAX = {              # feeds HELP VERB and the 501 syntax replies
+    "AUTH": "AUTH mechanism",
+    "BDAT": "BDAT size [LAST]",
+    "DATA": "DATA",
+    "EHLO": "EHLO domain",
+    "ETRN": "ETRN [node]",
+    "EXPN": "EXPN list",
+    "HELO": "HELO domain",
+    "HELP": "HELP [command]",
+    "MAIL": "MAIL FROM: <address>",
+    "NOOP": "NOOP",
+    "QUIT": "QUIT",
+    "RCPT": "RCPT TO: <address>",
+    "RSET": "RSET",
+    "STARTTLS": "STARTTLS",
+    "VRFY": "VRFY <address>",
+}
+
+MAILING_LISTS = {       # EXPN: made-up member lists of 3, 4 and 6
+    "list1": ("shadow", "wednesday", "low-key"),
+    "list2": ("jim", "kura", "michael", "tracy"),
+    "list3": ("dave", "kevin", "mark", "paul", "ray", "steve"),
+}
+MAILING_LISTS["all"] = tuple(sorted(set().union(*MAILING_LISTS.values())))
+
+SENDER_ISSUES = (       # section 11, in the order /metrics lists them
+    "bare_lf", "bare_cr", "long_line", "unstuffed_dot",
+    "8bit_without_8bitmime", "utf8_without_smtputf8", "missing_date",
+    "missing_from", "missing_message_id", "no_helo",
+)
+FAULT_KINDS = ("directive", "greylist", "rate_limit", "connections_per_ip")
+
+
+# ###########################################################################
+# Exceptions
+# ###########################################################################
+
+class ConfigError(ValueError):
+    """An invalid option; str() is the one line the command line prints."""
+
+
+class SMTPError(Exception):
+    """Raised anywhere below a verb to answer with this reply instead."""
+
+    def __init__(self, code, text, close=False):
+        super().__init__(code, text)
+        self.code, self.text, self.close = code, text, close
+
+
+class _Disconnect(Exception):
+    """The session ends now, with no further reply."""
+
+
+# ###########################################################################
+# Configuration
+# ###########################################################################
+
+Listener = collections.namedtuple(
+    "Listener", "text host port family tls mode delay greylist proxy")
+Listener.__doc__ = """One listening address of `listen` or `tls_listen`.
+
+mode, delay and greylist are None unless the listener sets them with a
+flag; a listener with a flag ignores the global value and dynamic switches.
+"""
+
+_TRUE = ("1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off")
+
+
+def parse_bool(text):
+    """Parse an INI boolean (true/false/yes/no/on/off/1/0)."""
+    word = str(text).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError("must be true or false (yes/no, on/off, 1/0)")
+
+
+def _parse_int(text, low, high=None):
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < low or (high is not None and value > high):
+        if high is None:
+            raise ValueError("must be %d or more" % low)
+        raise ValueError("must be between %d and %d" % (low, high))
+    return value
+
+
+def parse_delay(text):
+    """Parse `N`, `MIN-MAX` or `MIN, MAX` seconds into (min, max)."""
+    parts = re.split(r"\s*[-,]\s*", str(text).strip())
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise ValueError("must be N or MIN-MAX whole seconds")
+    low, high = int(parts[0]), int(parts[-1])
+    if high > MAX_DELAY:
+        raise ValueError("must be between 0 and %d seconds" % MAX_DELAY)
+    if low > high:
+        raise ValueError("minimum is above maximum")
+    return (low, high)
+
+
+def _parse_mode(text):
+    mode = str(text).strip().lower()
+    if mode not in MODES:
+        raise ValueError("must be accept, bounce or random")
+    return mode
+
+
+def _split_hostport(text):
+    """Split `ADDR:PORT` in all the forms of section 3 into (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("must be ADDR:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("must be ADDR:PORT")
+        if host == "::":
+            host = "::"
+        elif host == "":
+            host = "0.0.0.0"
+    port = _parse_int(port, 0, 65535) if port.strip().isdigit() else None
+    if port is None:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host or "0.0.0.0", port
+
+
+def parse_listen(text, tls=False):
+    """Parse a `listen` or `tls_listen` value into a tuple of Listeners."""
+    listeners = []
+    for item in (p.strip() for p in str(text).split(",")):
+        if not item:
+            continue
+        words = item.split()
+        host, port = _split_hostport(words[0])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        flags = {"mode": None, "delay": None, "greylist": None, "proxy": False}
+        for word in words[1:]:
+            name, sep, value = word.partition("=")
+            name = name.lower()
+            if not sep or name not in flags:
+                raise ValueError("unknown flag %r (mode=, delay=, greylist=, "
+                                 "proxy=)" % word)
+            try:
+                if name == "mode":
+                    flags[name] = _parse_mode(value)
+                elif name == "delay":
+                    flags[name] = parse_delay(value)
+                elif name == "greylist":
+                    flags[name] = _parse_int(value, 0, 86400)
+                else:
+                    flags[name] = parse_bool(value)
+            except ValueError as exc:
+                raise ValueError("%s: %s" % (word, exc)) from None
+        listeners.append(Listener(item, host, port, family, tls, **flags))
+    seen = set()
+    for listener in listeners:
+        key = (listener.host, listener.port)
+        if listener.port and key in seen:
+            raise ValueError("%s:%d is given twice" % key)
+        seen.add(key)
+    return tuple(listeners)
+
+
+def parse_hostport(text):
+    """Parse `metrics_listen`: one ADDR:PORT."""
+    return _split_hostport(str(text).strip())
+
+
+def parse_rate(text):
+    """Parse `rate_limit` as `N/SECONDS` into (N, seconds)."""
+    count, sep, seconds = str(text).strip().partition("/")
+    try:
+        count, seconds = int(count), float(seconds)
+    except ValueError:
+        raise ValueError("must be N/SECONDS, e.g. 100/60") from None
+    if not sep or count < 1 or not 0 < seconds < float("inf"):
+        raise ValueError("must be N/SECONDS with N and SECONDS above 0")
+    return (count, seconds)
+
+
+def parse_networks(text):
+    """Parse `proxy_trusted`: addresses or CIDR networks."""
+    nets = []
+    for item in (p.strip() for p in str(text).split(",")):
+        if item:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError("%r is not an address or network" % item) from None
+    return tuple(nets)
+
+
+def _parse_hostname(text):
+    name = str(text).strip()
+    if not name or len(name) > 253 or not re.match(r"^[A-Za-z0-9.\-_\[\]:]+$", name):
+        raise ValueError("must be a host name such as mail.example.com")
+    return name
+
+
+def _parse_path(text):
+    path = str(text).strip()
+    if not path:
+        raise ValueError("must be a path")
+    return path
+
+
+def _parse_readable(text):
+    path = _parse_path(text)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError("cannot read: %s" % exc.strerror) from None
+    return path
+
+
+def _parse_name(lookup):
+    def parse(text):
+        name = str(text).strip()
+        try:
+            lookup(name)
+        except (KeyError, ImportError):
+            raise ValueError("no such user or group") from None
+        return name
+    return parse
+
+
+def _user(name):
+    import pwd
+    return pwd.getpwnam(name)
+
+
+def _group(name):
+    import grp
+    return grp.getgrnam(name)
+
+
+def _default_hostname():
+    """socket.getfqdn() can take seconds: looked up once per process."""
+    if _default_hostname.cache is None:
+        _default_hostname.cache = socket.getfqdn()
+    return _default_hostname.cache
+
+
+_default_hostname.cache = None
+
+# name: (syntax, default as shown, meaning, parser); `--options` prints it.
+OPTIONS = {
+    "listen": ("ADDR:PORT [flags], ...", "127.0.0.1:25, 127.0.0.1:587",
+               "plain SMTP listeners; flags mode=, delay=, greylist=, proxy=on",
+               parse_listen),
+    "tls_listen": ("ADDR:PORT [flags], ...", "none",
+                   "implicit TLS (SMTPS) listeners; need tls_cert and tls_key",
+                   lambda text: parse_listen(text, tls=True)),
+    "tls_cert": ("PATH", "none", "PEM certificate (chain)", _parse_readable),
+    "tls_key": ("PATH", "none", "PEM private key", _parse_readable),
+    "tls_dhparams": ("PATH", "none", "PEM Diffie-Hellman parameters", _parse_readable),
+    "starttls": ("BOOL", "true with a certificate", "offer STARTTLS on plain listeners",
+                 parse_bool),
+    "hostname": ("FQDN", "socket.getfqdn()", "name in the greeting, replies and ids",
+                 _parse_hostname),
+    "user": ("NAME", "current user", "user to switch to after binding (as root)",
+             _parse_name(_user)),
+    "group": ("NAME", "user's group", "group to switch to after binding (as root)",
+              _parse_name(_group)),
+    "pidfile": ("PATH", "none; /tmp/blackhole.pid with -b", "file holding the pid",
+                _parse_path),
+    "timeout": ("SECONDS", "60", "idle time before a client is cut off (0 = never)",
+                lambda text: _parse_int(text, 0, 180)),
+    "delay": ("N or MIN-MAX", "0", "seconds to wait before the end-of-data reply",
+              parse_delay),
+    "mode": ("accept|bounce|random", "accept", "reply to each message", _parse_mode),
+    "max_message_size": ("BYTES", "512000", "largest message accepted (SIZE)",
+                         lambda text: _parse_int(text, 1)),
+    "dynamic_switch": ("BOOL", "true", "honour X-Blackhole-Mode/-Delay headers",
+                       parse_bool),
+    "workers": ("N", "1", "worker processes (N > 1: a supervisor forks N)",
+                lambda text: _parse_int(text, 1, 256)),
+    "max_connections": ("N", "1000", "concurrent sessions per process",
+                        lambda text: _parse_int(text, 1)),
+    "strict": ("BOOL", "false", "enforce RFC 5321 command sequence and syntax",
+               parse_bool),
+    "metrics_listen": ("ADDR:PORT", "none", "HTTP /metrics in Prometheus format",
+                       parse_hostport),
+    "greylist": ("SECONDS", "0", "greylist each (ip, sender, recipient) (0 = off)",
+                 lambda text: _parse_int(text, 0, 86400)),
+    "max_connections_per_ip": ("N", "0", "sessions per client address (0 = off)",
+                               lambda text: _parse_int(text, 0)),
+    "rate_limit": ("N/SECONDS", "none", "messages per client address", parse_rate),
+    "seed": ("INTEGER", "none", "makes random choices reproducible",
+             lambda text: int(str(text).strip())),
+    "sender_checks": ("off|count|reply|refuse", "count",
+                      "what to do with the sender issues of a message",
+                      lambda text: _choice(text, ("off", "count", "reply", "refuse"))),
+    "proxy_trusted": ("ADDR or CIDR, ...", "127.0.0.0/8, ::1",
+                      "who may send a PROXY protocol header", parse_networks),
+}
+
+
+def _choice(text, choices):
+    word = str(text).strip().lower()
+    if word not in choices:
+        raise ValueError("must be %s or %s" % (", ".join(choices[:-1]), choices[-1]))
+    return word
+
+
+class Config:
+    """Validated, immutable settings (section 3).
+
+    Build one with Config.from_file(path) or Config(**options), where each
+    option is a string as in the INI file or an already-parsed Python value.
+    Every problem raises ConfigError naming source, option, value and reason.
+    """
+
+    _defaults = {
+        "listen": "127.0.0.1:25, 127.0.0.1:587", "tls_listen": "",
+        "tls_cert": None, "tls_key": None, "tls_dhparams": None,
+        "starttls": None, "hostname": None, "user": None, "group": None,
+        "pidfile": None, "timeout": 60, "delay": (0, 0), "mode": "accept",
+        "max_message_size": 512000, "dynamic_switch": True, "workers": 1,
+        "max_connections": 1000, "strict": False, "metrics_listen": None,
+        "greylist": 0, "max_connections_per_ip": 0, "rate_limit": None,
+        "seed": None, "sender_checks": "count",
+        "proxy_trusted": "127.0.0.0/8, ::1",
+    }
+
+    def __init__(self, source="<options>", **options):
+        values = dict(self._defaults)
+        for name, value in options.items():
+            if name not in OPTIONS:
+                raise ConfigError("%s: unknown option %r" % (source, name))
+            values[name] = value
+        for name, value in values.items():
+            if value is not None:
+                value = self._parse(source, name, _as_text(name, value))
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "source", source)
+        self._check(source)
+
+    @staticmethod
+    def _parse(source, name, text):
+        try:
+            return OPTIONS[name][3](text)
+        except ValueError as exc:
+            raise ConfigError("%s: %s = %s: %s" % (source, name, text, exc)) from None
+
+    def _check(self, source):
+        """Rules that tie options together."""
+        def fail(name, reason):
+            raise ConfigError("%s: %s = %s: %s" % (
+                source, name, _show(getattr(self, name)), reason))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            fail("tls_cert" if self.tls_key else "tls_key",
+                 "tls_cert and tls_key go together")
+        if self.tls_cert:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                fail("tls_key", "does not load with tls_cert: %s" % (
+                    getattr(exc, "reason", None) or exc))
+        if self.tls_dhparams:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_dh_params(
+                    self.tls_dhparams)
+            except (ssl.SSLError, OSError) as exc:
+                fail("tls_dhparams", "does not load: %s" % (
+                    getattr(exc, "reason", None) or exc))
+        if self.tls_listen and not self.tls_cert:
+            fail("tls_listen", "needs tls_cert and tls_key")
+        if self.starttls is None:
+            object.__setattr__(self, "starttls", bool(self.tls_cert))
+        elif self.starttls and not self.tls_cert:
+            fail("starttls", "needs tls_cert and tls_key")
+        if not self.listen and not self.tls_listen:
+            fail("listen", "no listener given")
+        seen = set()
+        for listener in self.listen + self.tls_listen:
+            key = (listener.host, listener.port)
+            if listener.port and key in seen:
+                fail("tls_listen", "%s:%d is also in listen" % key)
+            seen.add(key)
+        if self.timeout and self.delay[1] >= self.timeout:
+            fail("delay", "must be less than timeout (%d)" % self.timeout)
+        if self.hostname is None:
+            object.__setattr__(self, "hostname", _default_hostname())
+        if (self.user or self.group) and hasattr(os, "getuid") and os.getuid() != 0:
+            if self.user and _user(self.user).pw_uid != os.getuid():
+                fail("user", "differs from the current user and not running as root")
+            if self.group and _group(self.group).gr_gid != os.getgid():
+                fail("group", "differs from the current group and not running as root")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is immutable")
+
+    @classmethod
+    def from_file(cls, path, **overrides):
+        """Read an INI file; a file without a section header is [blackhole]."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
+        except UnicodeDecodeError:
+            raise ConfigError("%s: is not UTF-8 text" % path) from None
+        parser = configparser.ConfigParser(
+            interpolation=None, inline_comment_prefixes=("#", ";"),
+            default_section="\0none")
+        parser.optionxform = str.lower
+        if not re.search(r"^\s*\[", text, re.M):
+            text = "[blackhole]\n" + text
+        try:
+            parser.read_string(text, source=path)
+        except configparser.Error as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError("%s: %s" % (path, first)) from None
+        for section in parser.sections():
+            if section != "blackhole":
+                raise ConfigError("%s: unknown section [%s]" % (path, section))
+        options = dict(parser.items("blackhole")) if parser.has_section("blackhole") else {}
+        for name in options:
+            if name not in OPTIONS:
+                raise ConfigError("%s: unknown option %r" % (path, name))
+        options.update(overrides)
+        return cls(source=path, **options)
+
+    def listeners(self):
+        """Every listener, plain first, in config order."""
+        return self.listen + self.tls_listen
+
+
+def _as_text(name, value):
+    """A Python value given to Config, as the INI would spell it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        joiner = {"delay": "-", "rate_limit": "/"}.get(name, ", ")
+        if name == "metrics_listen":
+            return "[%s]:%s" % tuple(value) if ":" in str(value[0]) else "%s:%s" % tuple(value)
+        return joiner.join(str(item) for item in value)
+    return str(value)
+
+
+def _show(value):
+    """An option's value as the user wrote it, for error lines."""
+    if isinstance(value, tuple) and value and isinstance(value[0], Listener):
+        return ", ".join(item.text for item in value)
+    return value
+
+
+def options_text():
+    """The `--options` / `blackhole_config` listing."""
+    lines = []
+    for name, (syntax, default, meaning, _) in OPTIONS.items():
+        lines.append("%s = %s\n    default: %s\n    %s" % (name, syntax, default, meaning))
+    return "\n".join(lines) + "\n"
+
+
+# ###########################################################################
+# Protocol helpers: pure functions and small objects the handler asks
+# ###########################################################################
+
+_PATH_RE = re.compile(r"^\s*<([^<>]*)>(.*)$")
+
+
+def parse_path(arg, keyword, strict=False):
+    """Split `FROM:<a> params` into (address, params text).
+
+    Returns None for a malformed argument.  Permissive parsing also takes
+    a space after the colon and a bare address without brackets.
+    """
+    head, sep, rest = arg.partition(":")
+    if not sep or head.strip().upper() != keyword:
+        return None
+    if strict and head != head.strip():
+        return None
+    if strict and rest.startswith(" "):
+        return None
+    match = _PATH_RE.match(rest)
+    if match:
+        return match.group(1), match.group(2).strip()
+    if strict:
+        return None
+    words = rest.split(None, 1)
+    if not words:
+        return None
+    return words[0], words[1] if len(words) > 1 else ""
+
+
+def parse_params(text):
+    """Parse `KEY=VALUE KEY` ESMTP parameters into a dict (keys upper-case)."""
+    params = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        params[key.upper()] = value if sep else True
+    return params
+
+
+Directive = collections.namedtuple("Directive", "data action value count")
+Directive.__doc__ = """One address directive (section 10.1).
+
+action is fail, defer, drop, code or delay; value the code or seconds;
+count the K of an xK suffix, or None.
+"""
+
+_DIRECTIVE_RE = re.compile(
+    r"^(data-)?(fail|defer|drop|421|4[5-9]\d|5[0-5]\d|delay-\d+)(?:x([1-9]\d*))?$",
+    re.I)
+
+
+def parse_directives(address):
+    """The directives at the start of an address's local part, as a tuple.
+
+    Returns () for an ordinary address: anything before the first `=` that
+    is not entirely directives makes the address ordinary, never an error.
+    """
+    local = address.rpartition("@")[0] if "@" in address else address
+    head, sep, _ = local.partition("=")
+    if not sep or not head:
+        return ()
+    plan = []
+    for word in head.split("."):
+        match = _DIRECTIVE_RE.match(word)
+        if not match:
+            return ()
+        data, action, count = match.groups()
+        action = action.lower()
+        value = None
+        if action.startswith("delay-"):
+            action, value = "delay", min(int(action[6:]), MAX_DELAY)
+        elif action.isdigit():
+            action, value = "code", int(action)
+        plan.append(Directive(bool(data), action, value, int(count) if count else None))
+    return tuple(plan)
+
+
+class SenderChecks:
+    """Notes the sender issues of one message's data (section 11).
+
+    Fed the same unstuffed segments the DATA/BDAT reader already holds, it
+    carries only a pending CR, the current line's length and a bounded
+    header buffer across calls, so the result never depends on how the
+    client's writes were split.  Ask `issues(...)` at the end.
+    """
+
+    long_line = 998     # RFC 5322 2.1.1: octets of content per line
+    max_header = 65536  # header octets kept to find Date/From/Message-ID
+
+    _CRLF_ONLY = bytes(b for b in range(256) if b not in (10, 13))
+
+    def __init__(self, eightbit_ok=False, dot_issue=False):
+        self.found = set()
+        self.eightbit_ok = eightbit_ok
+        self.line_len = 0           # octets of the current, unfinished line
+        self.pending_cr = False     # the last octet fed was a CR
+        self.header = _HeaderScan()
+        if dot_issue:
+            self.found.add("unstuffed_dot")
+
+    def feed(self, seg):
+        """Check one segment of message content."""
+        if not seg:
+            return
+        found = self.found
+        if not self.header.done:
+            self.header.feed(seg)
+        if not self.eightbit_ok and not seg.isascii():
+            found.add("8bit_without_8bitmime")
+            self.eightbit_ok = True
+        prev_cr = self.pending_cr
+        self.pending_cr = seg[-1] == 13
+        if "bare_lf" not in found or "bare_cr" not in found:
+            self._line_endings(seg, prev_cr)
+        if "long_line" not in found:
+            self._line_lengths(seg, prev_cr)
+
+    def _line_endings(self, seg, prev_cr):
+        ends = seg.translate(None, self._CRLF_ONLY)
+        if prev_cr:
+            ends = b"\r" + ends
+        if self.pending_cr:
+            ends = ends[:-1]
+        if len(ends) != 2 * ends.count(b"\r\n"):
+            found = self.found
+            rest = ends.replace(b"\r\n", b"")
+            if b"\n" in rest:
+                found.add("bare_lf")
+            if b"\r" in rest:
+                found.add("bare_cr")
+
+    def _line_lengths(self, seg, prev_cr):
+        limit, size = self.long_line, len(seg)
+        first = seg.find(b"\n")
+        if first < 0:
+            self.line_len += size
+            if self.line_len > limit + 1:
+                self.found.add("long_line")
+            return
+        length = self.line_len + first
+        if length and (seg[first - 1] == 13 if first else prev_cr):
+            length -= 1
+        if length > limit:
+            self.found.add("long_line")
+            return
+        start, rfind, find = first + 1, seg.rfind, seg.find
+        while size - start > limit:
+            end = rfind(b"\n", start, start + limit + 1)
+            if end < 0:     # no line end in 999 octets: measure the line
+                end = find(b"\n", start)
+                if end < 0:
+                    break
+                if end - start - (seg[end - 1] == 13) > limit:
+                    self.found.add("long_line")
+                    return
+            start = end + 1
+        tail = size - seg.rfind(b"\n") - 1
+        self.line_len = tail
+        if tail > limit + 1:
+            self.found.add("long_line")
+
+    def issues(self, envelope, command_bare_lf):
+        """The sorted issue names for the message just read."""
+        found = self.found
+        if self.line_len > self.long_line + (1 if self.pending_cr else 0):
+            found.add("long_line")
+        if command_bare_lf:
+            found.add("bare_lf")
+        if not self.header.has_date:
+            found.add("missing_date")
+        if not self.header.has_from:
+            found.add("missing_from")
+        if not self.header.has_message_id:
+            found.add("missing_message_id")
+        if envelope.utf8_address and not envelope.smtputf8:
+            found.add("utf8_without_smtputf8")
+        if envelope.no_helo:
+            found.add("no_helo")
+        return tuple(sorted(found))
+
+
+class _HeaderScan:
+    """Finds the end of a message's header and the few fields we look at.
+
+    Keeps at most SenderChecks.max_header octets; a longer header is looked
+    at a block of complete lines at a time.
+    """
+
+    max_header = 65536
+
+    def __init__(self):
+        self.buf = bytearray(b"\n")    # a virtual line end before line one
+        self.done = False
+        self.has_date = self.has_from = self.has_message_id = False
+        self.mode = self.delay = None
+
+    def feed(self, seg):
+        buf = self.buf
+        start = max(len(buf) - 2, 0)
+        buf += seg
+        ends = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start))
+                if i >= 0]
+        if ends:
+            self._scan(bytes(buf[:min(ends) + 1]))
+            self.done = True
+            self.buf = None
+        elif len(buf) > self.max_header:
+            last = buf.rfind(b"\n")
+            if last > 0:
+                self._scan(bytes(buf[:last + 1]))
+                self.buf = bytearray(buf[last:last + 1 + 80])
+            else:
+                del buf[80:]
+
+    def finish(self):
+        """No empty line came: the whole message was header."""
+        if not self.done and self.buf is not None:
+            self._scan(bytes(self.buf) + b"\n")
+            self.done, self.buf = True, None
+
+    def _scan(self, block):
+        lower = block.lower()
+        self.has_date = self.has_date or b"\ndate:" in lower
+        self.has_from = self.has_from or b"\nfrom:" in lower
+        self.has_message_id = self.has_message_id or b"\nmessage-id:" in lower
+        if b"\nx-blackhole-" in lower:
+            for name in ("mode", "delay"):
+                at = lower.find(b"\nx-blackhole-%s:" % name.encode())
+                if at >= 0:
+                    start = at + 14 + len(name)
+                    end = lower.find(b"\n", start)
+                    value = lower[start:end].strip().decode("latin-1")
+                    setattr(self, name, value)
+
+
+class Envelope:
+    """One message as `on_message` and `Server.messages` see it (section 9)."""
+
+    __slots__ = ("peer", "helo", "mail_from", "mail_options", "rcpt_tos",
+                 "data", "reply", "issues", "size", "smtputf8", "eightbit",
+                 "utf8_address", "no_helo", "refused", "sender_plan",
+                 "rcpt_plans")
+
+    def __init__(self, peer=None, helo=None):
+        self.peer, self.helo = peer, helo
+        self.mail_from = None
+        self.mail_options = {}
+        self.rcpt_tos = []
+        self.data = None
+        self.reply = None
+        self.issues = ()
+        self.size = 0
+        self.smtputf8 = self.eightbit = self.utf8_address = False
+        self.no_helo = False
+        self.refused = 0            # recipients refused in this transaction
+        self.sender_plan = ()
+        self.rcpt_plans = []
+
+    def __repr__(self):
+        return "<Envelope from=%r to=%r size=%d reply=%r>" % (
+            self.mail_from, self.rcpt_tos, self.size, self.reply)
+
+
+class Stats:
+    """Counters of section 8 in an array of 64-bit integers.
+
+    The array may be a slice of shared memory, so a supervisor can sum its
+    workers' counters; one lock per process keeps increments exact.
+    """
+
+    names = (
+        "connections_total", "connections_active", "messages_accepted",
+        "messages_bounced", "messages_too_big", "bytes_received",
+        "auth_success", "auth_failure", "tls_success", "tls_failure",
+        "timeouts") + tuple("faults_" + k for k in FAULT_KINDS) + tuple(
+        "sender_issues_" + i for i in SENDER_ISSUES)
+    size = len(names) * 8
+
+    def __init__(self, buffer=None):
+        self._array = memoryview(buffer if buffer is not None
+                                 else bytearray(self.size)).cast("q")
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self._lock = threading.Lock()
+
+    def add(self, name, amount=1):
+        with self._lock:
+            self._array[self._index[name]] += amount
+
+    def add_many(self, names):
+        index = self._index
+        with self._lock:
+            for name in names:
+                self._array[index[name]] += 1
+
+    def as_dict(self):
+        return dict(zip(self.names, self._array.tolist()))
+
+    def release(self):
+        self._array.release()
+
+    @classmethod
+    def summed(cls, stats_list):
+        total = dict.fromkeys(cls.names, 0)
+        for stats in stats_list:
+            for name, value in stats.as_dict().items():
+                total[name] += value
+        return total
+
+
+def counters_line(counters):
+    """The SIGUSR1 log line."""
+    return "counters: " + " ".join("%s=%d" % item for item in counters.items())
+
+
+def metrics_text(counters):
+    """Prometheus text exposition of the counters (section 8)."""
+    c = counters
+    out = []
+
+    def metric(name, kind, doc, samples):
+        out.append("# HELP blackhole_%s %s" % (name, doc))
+        out.append("# TYPE blackhole_%s %s" % (name, kind))
+        for labels, value in samples:
+            out.append("blackhole_%s%s %d" % (name, labels, value))
+
+    metric("connections_total", "counter", "SMTP connections accepted.",
+           [("", c["connections_total"])])
+    metric("connections_active", "gauge", "SMTP sessions open now.",
+           [("", c["connections_active"])])
+    metric("messages_total", "counter", "Messages whose data was received.",
+           [('{result="%s"}' % r, c["messages_" + r])
+            for r in ("accepted", "bounced", "too_big")])
+    metric("bytes_received_total", "counter", "Message octets received.",
+           [("", c["bytes_received"])])
+    metric("auth_total", "counter", "AUTH decisions.",
+           [('{result="%s"}' % r, c["auth_" + r]) for r in ("success", "failure")])
+    metric("tls_handshakes_total", "counter", "TLS handshakes.",
+           [('{result="%s"}' % r, c["tls_" + r]) for r in ("success", "failure")])
+    metric("timeouts_total", "counter", "Sessions ended by the timeout.",
+           [("", c["timeouts"])])
+    metric("faults_total", "counter", "Injected failures.",
+           [('{kind="%s"}' % k, c["faults_" + k]) for k in FAULT_KINDS])
+    metric("sender_issues_total", "counter", "Messages with each sender issue.",
+           [('{issue="%s"}' % i, c["sender_issues_" + i]) for i in SENDER_ISSUES])
+    return "\n".join(out) + "\n"
+
+
+class TokenBucket:
+    """Per-key token buckets: `rate` tokens per `per` seconds (section 10.3).
+
+    Buckets start full and refill continuously; the table is bounded by
+    dropping the least recently used key.
+    """
+
+    max_keys = 100000
+
+    def __init__(self, rate, per, clock=time.monotonic):
+        self.rate, self.per, self.clock = rate, per, clock
+        self._buckets = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key):
+        """Take one token for key; False when there is none."""
+        now = self.clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(key, (self.rate, now))
+            tokens = min(self.rate, tokens + (now - then) * self.rate / self.per)
+            ok = tokens >= 1
+            self._buckets[key] = (tokens - 1 if ok else tokens, now)
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+            return ok
+
+
+class Greylist:
+    """Greylisting of (ip, sender, recipient) triples (section 10.2).
+
+    `check(triple)` returns 0 to accept, else the whole seconds left.
+    The table is bounded (oldest triple dropped first).
+    """
+
+    max_triples = 100000
+    accept_for = 24 * 3600      # seconds a passed triple stays accepted
+
+    def __init__(self, period, clock=time.monotonic):
+        self.period, self.clock = period, clock
+        self._table = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, triple):
+        now = self.clock()
+        with self._lock:
+            entry = self._table.get(triple)
+            if entry is None or (entry[1] is not None and now > entry[1]):
+                self._table[triple] = [now, None]
+                self._table.move_to_end(triple)
+                if len(self._table) > self.max_triples:
+                    self._table.popitem(last=False)
+                return self.period
+            first, until = entry
+            if until is None:
+                if now - first < self.period:
+                    return self.period
+                entry[1] = now + self.accept_for
+            return 0
+
+    def __len__(self):
+        return len(self._table)
+
+
+_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def parse_proxy_v1(data):
+    """Parse a PROXY protocol v1 header at the start of `data`.
+
+    Returns (source, length): source is (host, port), or None for
+    `PROXY UNKNOWN`; length is the header's octets.  Returns None while
+    `data` holds only the beginning of a header; raises ValueError for an
+    invalid one.  The header is at most 107 octets.
+    """
+    if not data.startswith(b"PROXY "[:len(data)]):
+        raise ValueError("not a PROXY header")
+    end = data.find(b"\r\n", 0, 107)
+    if end < 0:
+        if len(data) >= 107:
+            raise ValueError("PROXY v1 header too long")
+        return None
+    words = data[:end].split(b" ")
+    if len(words) >= 2 and words[1] == b"UNKNOWN":
+        return None, end + 2
+    if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
+        raise ValueError("malformed PROXY v1 header")
+    try:
+        src = ipaddress.ip_address(words[2].decode("ascii"))
+        dst = ipaddress.ip_address(words[3].decode("ascii"))
+        ports = [int(w) for w in words[4:6]]
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("malformed PROXY v1 address") from None
+    version = 4 if words[1] == b"TCP4" else 6
+    if src.version != version or dst.version != version:
+        raise ValueError("PROXY v1 address does not match its family")
+    if any(not 0 <= p <= 65535 or str(p).encode() != w
+           for p, w in zip(ports, words[4:6])):
+        raise ValueError("malformed PROXY v1 port")
+    return (str(src), ports[0]), end + 2
+
+
+def parse_proxy_v2(data):
+    """Parse a PROXY protocol v2 header at the start of `data`.
+
+    Same contract as parse_proxy_v1; the v2 LOCAL command, and the
+    UNSPEC/UNIX families, give a None source.
+    """
+    sig = _PROXY_V2_SIG
+    if not data.startswith(sig[:len(data)]) or (len(data) < 12 and data != sig[:len(data)]):
+        raise ValueError("not a PROXY v2 header")
+    if len(data) < 16:
+        return None
+    ver_cmd, family, length = data[12], data[13], struct.unpack("!H", data[14:16])[0]
+    if ver_cmd >> 4 != 2 or ver_cmd & 0xF > 1:
+        raise ValueError("bad PROXY v2 version or command")
+    if len(data) < 16 + length:
+        return None
+    total = 16 + length
+    if ver_cmd & 0xF == 0:              # LOCAL: a health check by the balancer
+        return None, total
+    body = data[16:total]
+    if family >> 4 == 1:
+        if length < 12:
+            raise ValueError("PROXY v2 IPv4 block too short")
+        return (str(ipaddress.IPv4Address(body[:4])),
+                struct.unpack("!H", body[8:10])[0]), total
+    if family >> 4 == 2:
+        if length < 36:
+            raise ValueError("PROXY v2 IPv6 block too short")
+        return (str(ipaddress.IPv6Address(body[:16])),
+                struct.unpack("!H", body[32:34])[0]), total
+    if family >> 4 in (0, 3):
+        return None, total
+    raise ValueError("bad PROXY v2 address family")
+
+
+def parse_proxy(data):
+    """Dispatch to v1 or v2 by the first octet."""
+    if data[:1] == b"P":
+        return parse_proxy_v1(data)
+    if data[:1] == b"\r":
+        return parse_proxy_v2(data)
+    if not data:
+        return None
+    raise ValueError("not a PROXY header")
+
+
+def _tls_context(config, less_secure=False):
+    """The server context of section 6."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not less_secure:
+        context.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
+                        "ECDHE+AES:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES")
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_dhparams:
+        context.load_dh_params(config.tls_dhparams)
+    return context
+
+
+class _Shared:
+    """What every session of one process shares: counters and tables."""
+
+    max_counts = 100000     # address directive xK counts and seeded sequences
+
+    def __init__(self, config, stats=None, capture=0, on_message=None):
+        self.config = config
+        self.stats = stats or Stats()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.sessions = {}              # thread -> socket, to close on stop
+        self.per_ip = collections.Counter()
+        self._active = 0                # sessions admitted and open
+        self.greylists = {}             # period -> Greylist
+        self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
+        self.counts = collections.OrderedDict()
+        self.ids = itertools.count(1)
+        self.id_prefix = "%x.%d" % (time.time_ns() if hasattr(time, "time_ns")
+                                    else int(time.time() * 1e9), os.getpid())
+        self.messages = collections.deque(maxlen=capture or None) if capture else None
+        self.arrived = threading.Condition()
+        self.on_message = on_message
+        self.keep_data = bool(capture or on_message)
+
+    def message_id(self):
+        return "<%s.%d@%s>" % (self.id_prefix, next(self.ids), self.config.hostname)
+
+    def greylist(self, period):
+        with self.lock:
+            if period not in self.greylists:
+                self.greylists[period] = Greylist(period)
+            return self.greylists[period]
+
+    def count(self, key):
+        """How many times key was seen before, counting this time (xK, seeds)."""
+        with self.lock:
+            seen = self.counts.pop(key, 0) + 1
+            self.counts[key] = seen
+            if len(self.counts) > self.max_counts:
+                self.counts.popitem(last=False)
+            return seen
+
+    def rng(self, sender, rcpts):
+        """The random source for one end of data (section 10.4)."""
+        seed = self.config.seed
+        if seed is None:
+            return random
+        key = ("seed", sender, tuple(rcpts))
+        sequence = self.count(key) - 1
+        digest = hashlib.sha256(("%d\0%s\0%s\0%d" % (
+            seed, sender, "\0".join(rcpts), sequence)).encode(
+                "utf-8", "surrogateescape")).digest()
+        return random.Random(digest)
+
+    def open_session(self, peer):
+        """Admit a session: None, or the 421 that refuses it (section 10.3)."""
+        config, stats = self.config, self.stats
+        stats.add("connections_total")
+        with self.lock:
+            if self._active >= config.max_connections:
+                return "4.7.0 %s Too many connections, try again later" % config.hostname
+            if config.max_connections_per_ip and \
+                    self.per_ip[peer] >= config.max_connections_per_ip:
+                stats.add("faults_connections_per_ip")
+                return "4.7.0 %s Too many connections from your address" % config.hostname
+            self._active += 1
+            self.per_ip[peer] += 1
+        stats.add("connections_active")
+        return None
+
+    def close_session(self, peer):
+        with self.lock:
+            self._active -= 1
+            self.per_ip[peer] -= 1
+            if not self.per_ip[peer]:
+                del self.per_ip[peer]
+        self.stats.add("connections_active", -1)
+
+    def track(self, sock):
+        """The session in this thread now talks over sock (after STARTTLS)."""
+        with self.lock:
+            self.sessions[threading.current_thread()] = sock
+
+    def deliver(self, envelope):
+        """Hand a finished envelope to capture and on_message."""
+        if self.messages is not None:
+            with self.arrived:
+                self.messages.append(envelope)
+                self.arrived.notify_all()
+        if self.on_message is not None:
+            try:
+                self.on_message(envelope)
+            except Exception:
+                log.exception("on_message raised")
+
+
+# ###########################################################################
+# The SMTP session
+# ###########################################################################
+
+class _Shutdown(Exception):
+    """The server is stopping: the client gets 421 and the session ends."""
+
+
+class _AuthDecided(Exception):
+    """A raw `pass=`/`fail=` response decided AUTH at once (kura's form)."""
+
+    def __init__(self, ok):
+        super().__init__(ok)
+        self.ok = ok
+
+
+_TOO_LONG = object()    # _readline's answer for a line over the limit
+_MAIL_PARAMS = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"))
+_RCPT_PARAMS = frozenset(("NOTIFY", "ORCPT"))
+_DELAY_RE = re.compile(r"^(\d+)\s*(?:,\s*(\d+))?$")
+
+
+class SMTPHandler(socketserver.StreamRequestHandler):
+    """One SMTP session over one connection (section 4).
+
+    Methods for the server: handle() runs the whole session.
+
+    Methods that may be overridden: smtp_VERB(arg), one per wire verb, found
+    by name after the verb is checked to be a few ASCII letters; reply(),
+    the one place replies are built; ehlo_keywords().
+
+    Class variables: the limits below.  Replies raise SMTPError(code, text)
+    from anywhere below a verb.  The socket is read in blocks into one
+    buffer shared by commands and message data (rather than through rfile),
+    so that terminators are found with bytes.find, not line by line.
+    """
+
+    disable_nagle_algorithm = True  # section 7: else ~40 ms per pipelined message
+    read_size = 65536               # octets asked of each recv()
+    max_line = 12288                # any command line; the excess is discarded (4.4)
+    max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
+    max_unknown = 10                # unknown commands before the session is closed
+    max_verb = 16                   # longer "verbs" are not looked up
+    final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
+
+    # ----- session life -------------------------------------------------
+
+    def setup(self):
+        """Create every session attribute; reset() makes the Envelope."""
+        server = self.server
+        self.shared = server.shared
+        self.config = config = server.config
+        self.listener = listener = server.listener
+        self.hostname = config.hostname
+        self.sock = self.request
+        self.peer = self.client_address[0] if self.client_address else "?"
+        self.peer_port = self.client_address[1] if self.client_address else 0
+        self._buf = b""                 # bytes received, not yet used
+        self._pos = 0                   # first unused octet in _buf
+        self._out = []                  # replies not yet written
+        self._timeout = config.timeout or None
+        self._sock_timeout = self._timeout
+        self._last_crlf = True          # the last command line ended with CRLF
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self.tls = False
+        self.helo = None
+        self.authenticated = False
+        self.unknown = 0
+        self.closing = False
+        self.admitted = False
+        self.command_bare_lf = False    # section 11: since the last end of data
+        self.mode = listener.mode or config.mode
+        self.delay = listener.delay or config.delay
+        self.greylist = listener.greylist if listener.greylist is not None \
+            else config.greylist
+        self.switches = config.dynamic_switch and not (listener.mode or listener.delay)
+        self.envelope = None
+        self.bdat = None                # (SenderChecks, header, parts) during BDAT
+        if self.disable_nagle_algorithm:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            except OSError:
+                pass
+        self.sock.settimeout(self._timeout)
+
+    def handle(self):
+        try:
+            try:
+                self._session()
+            except socket.timeout:
+                self.shared.stats.add("timeouts")
+                if self._debug:
+                    log.debug("%s timed out", self.peer)
+                self._last_reply(421, "4.4.2 %s Error: timeout exceeded" % self.hostname)
+            except _Shutdown:
+                self._last_reply(421, "4.3.2 %s Service shutting down" % self.hostname)
+            else:
+                self._flush()
+        except (_Disconnect, OSError, ssl.SSLError) as exc:
+            if self._debug:
+                log.debug("%s disconnected: %s", self.peer, exc or type(exc).__name__)
+        except Exception:
+            log.exception("session with %s failed", self.peer)
+            self._last_reply(451, "4.3.0 Requested action aborted: local error in processing")
+
+    def finish(self):
+        if self.admitted:
+            self.shared.close_session(self.peer)
+        if self.sock is not self.request:      # a TLS socket of our own
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        if self._debug:
+            log.debug("%s closed", self.peer)
+
+    def _session(self):
+        if self.listener.proxy:
+            self._read_proxy_header()
+        refusal = self.shared.open_session(self.peer)
+        if refusal:
+            log.info("refused %s: %s", self.peer, refusal.split(" ", 2)[-1])
+            self._last_reply(421, refusal)
+            return
+        self.admitted = True
+        if self._debug:
+            log.debug("%s connected to %s", self.peer, self.listener.text)
+        if self.listener.tls:
+            self._start_tls()
+        self.reset()
+        self.reply(220, "%s ESMTP" % self.hostname)
+        while not self.closing:
+            self.handle_one_command()
+
+    def reset(self):
+        """Clear the transaction: a fresh Envelope (RSET, HELO, end of data)."""
+        self.envelope = Envelope(self.peer, self.helo)
+        self.bdat = None
+
+    # ----- reading and writing -------------------------------------------
+
+    def _recv(self, deadline):
+        """One block from the client, at most until deadline; b"" at the end."""
+        if self._out:
+            self._flush()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            if abs(left - self._sock_timeout) > 0.05:
+                self.sock.settimeout(left)
+                self._sock_timeout = left
+        try:
+            data = self.sock.recv(self.read_size)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+            data = b""
+        if not data:
+            if self.shared.stopping.is_set():
+                raise _Shutdown()
+            raise _Disconnect("connection closed by client")
+        return data
+
+    def _deadline(self):
+        timeout = self._timeout
+        if timeout is None:
+            return None
+        if self._sock_timeout != timeout:
+            self.sock.settimeout(timeout)
+            self._sock_timeout = timeout
+        return time.monotonic() + timeout
+
+    def _readline(self, limit):
+        """One command line, CRLF or LF included, or _TOO_LONG.
+
+        The timeout bounds the whole line, not each recv; a line over
+        `limit` octets is discarded as it arrives, never buffered.
+        """
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\n", pos)
+        if 0 <= end < pos + limit:
+            self._pos = end + 1
+            return buf[pos:end + 1]
+        buf = buf[pos:]
+        deadline = self._deadline()
+        too_long = False
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0 and not too_long and end < limit:
+                break
+            if end >= 0:        # the end of an overlong line
+                self._buf, self._pos = buf[end + 1:], 0
+                return _TOO_LONG
+            if len(buf) > limit:
+                too_long, buf = True, b""
+            buf += self._recv(deadline)
+        self._buf, self._pos = buf, end + 1
+        return buf[:end + 1]
+
+    def reply(self, code, *lines):
+        """Queue a reply; the last line uses a space, the others a dash."""
+        lines = lines or ("",)
+        text = "".join("%d-%s\r\n" % (code, line) for line in lines[:-1]) + \
+            "%d %s\r\n" % (code, lines[-1])
+        if self._debug:
+            for line in text.splitlines():
+                log.debug("%s < %s", self.peer, line)
+        self._out.append(text.encode("utf-8", "surrogateescape"))
+
+    def _flush(self):
+        """Write every queued reply at once (section 4.6)."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.sock.sendall(data)
+
+    def _last_reply(self, code, text):
+        """A reply before closing, to a client that may not be reading."""
+        self.reply(code, text)
+        self.closing = True
+        try:
+            self.sock.settimeout(self.final_write_timeout)
+            self._flush()
+        except (OSError, ValueError):
+            self._out.clear()
+
+    def _wait(self, seconds):
+        """Sleep for a delay, but never hold up shutdown."""
+        if seconds > 0:
+            self._flush()
+            if self.shared.stopping.wait(min(seconds, MAX_DELAY)):
+                raise _Shutdown()
+
+    # ----- commands -------------------------------------------------------
+
+    def handle_one_command(self):
+        """Read one command, dispatch it to smtp_VERB, send what it raised."""
+        line = self._readline(self.max_line)
+        try:
+            if line is _TOO_LONG:
+                self._unknown(500, "5.5.2 Line too long")
+            self._last_crlf = line.endswith(b"\r\n")
+            if not self._last_crlf:
+                self.command_bare_lf = True
+            text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+            verb, _, arg = text.partition(" ")
+            name = verb.upper()
+            if self._debug:
+                log.debug("%s > %s", self.peer, name + " " + arg.split(" ", 1)[0]
+                          if name == "AUTH" else text)
+            if self.config.strict and len(line) > (
+                    self.max_line if name == "AUTH" else self.max_strict_line):
+                self._unknown(500, "5.5.2 Line too long")
+            method = None
+            if 0 < len(name) <= self.max_verb and name.isalpha() and name.isascii():
+                method = getattr(self, "smtp_" + name, None)
+            if method is None:
+                self._unknown()
+            method(arg.strip())
+        except SMTPError as err:
+            self.reply(err.code, err.text)
+            if err.close:
+                self.closing = True
+
+    def _unknown(self, code=502, text="5.5.2 Command not recognised"):
+        self.unknown += 1
+        if self.unknown >= self.max_unknown:
+            raise SMTPError(502, "5.5.3 Too many unknown commands", close=True)
+        raise SMTPError(code, text)
+
+    def ehlo_keywords(self):
+        """The EHLO extensions, from the session's real state."""
+        keywords = [
+            "PIPELINING", "SIZE %d" % self.config.max_message_size, "8BITMIME",
+            "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING", "HELP", "VRFY",
+            "EXPN", "ETRN", "AUTH CRAM-MD5 LOGIN PLAIN"]
+        if self._starttls_offered():
+            keywords.append("STARTTLS")
+        return keywords
+
+    def _starttls_offered(self):
+        return bool(self.config.starttls and not self.tls and self.server.tls_context)
+
+    def _verbs(self):
+        verbs = sorted(name[5:] for name in dir(self) if name.startswith("smtp_"))
+        if not self._starttls_offered():
+            verbs.remove("STARTTLS")
+        return verbs
+
+    def smtp_HELO(self, arg):
+        if not arg and self.config.strict:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["HELO"])
+        self.helo = arg
+        self.reset()
+        self.reply(250, self.hostname)
+
+    def smtp_EHLO(self, arg):
+        if not arg and self.config.strict:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["EHLO"])
+        self.helo = arg
+        self.reset()
+        self.reply(250, self.hostname, *self.ehlo_keywords())
+
+    def smtp_MAIL(self, arg):
+        strict, env = self.config.strict, self.envelope
+        if strict and self.helo is None:
+            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+        if strict and env.mail_from is not None:
+            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+        path = parse_path(arg, "FROM", strict)
+        if path is None:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["MAIL"])
+        address, params = path[0], parse_params(path[1])
+        self._check_params(params, _MAIL_PARAMS)
+        size = params.get("SIZE")
+        if isinstance(size, str) and size.isdigit() and \
+                int(size) > self.config.max_message_size:
+            raise SMTPError(552, "5.3.4 Message size exceeds fixed maximum message size")
+        rate = self.shared.rate
+        if rate is not None and not rate.take(self.peer):
+            self.shared.stats.add("faults_rate_limit")
+            raise SMTPError(451, "4.7.1 Rate limit exceeded, try again later")
+        plan = parse_directives(address)
+        if plan:
+            self._act_now(plan, address, "mail")
+        self.reset()
+        env = self.envelope
+        env.mail_from, env.mail_options, env.sender_plan = address, params, plan
+        env.smtputf8 = "SMTPUTF8" in params
+        env.eightbit = env.smtputf8 or str(params.get("BODY", "")).upper() in (
+            "8BITMIME", "BINARYMIME")
+        env.utf8_address = not address.isascii()
+        env.no_helo = self.helo is None
+        self.reply(250, "2.1.0 OK")
+
+    def smtp_RCPT(self, arg):
+        env = self.envelope
+        if self.config.strict and env.mail_from is None:
+            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+        path = parse_path(arg, "TO", self.config.strict)
+        if path is None:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
+        address = path[0]
+        self._check_params(parse_params(path[1]), _RCPT_PARAMS)
+        env.utf8_address = env.utf8_address or not address.isascii()
+        plan = parse_directives(address)
+        try:
+            if plan:
+                self._act_now(plan, address, "rcpt")
+            if self.greylist:
+                greylist = self.shared.greylist(self.greylist)
+                if greylist.check((self.peer, env.mail_from, address)):
+                    self.shared.stats.add("faults_greylist")
+                    raise SMTPError(451, "4.7.1 Greylisted, try again in %d seconds"
+                                    % self.greylist)
+        except SMTPError:
+            env.refused += 1
+            raise
+        env.rcpt_tos.append(address)
+        env.rcpt_plans.append(plan)
+        self.reply(250, "2.1.5 OK")
+
+    def _check_params(self, params, known):
+        if self.config.strict:
+            for name in params:
+                if name not in known:
+                    raise SMTPError(555, "5.5.4 Unsupported parameter: %s" % name)
+
+    def _check_recipients(self):
+        """DATA and BDAT need a recipient (4.4, 4.7)."""
+        env = self.envelope
+        if self.config.strict and (env.mail_from is None or
+                                   not (env.rcpt_tos or env.refused)):
+            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+        if env.refused and not env.rcpt_tos:
+            raise SMTPError(554, "5.5.1 No valid recipients")
+
+    def smtp_DATA(self, arg):
+        if arg and self.config.strict:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["DATA"])
+        if self.bdat is not None and self.config.strict:
+            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+        self._check_recipients()
+        self.reply(354, "End data with <CR><LF>.<CR><LF>")
+        checks, header, parts = self._message_readers()
+        dot_issue = self._read_data(checks, header, parts)
+        if dot_issue and checks is not None:
+            checks.found.add("unstuffed_dot")
+        self._end_of_data(checks, header, parts)
+
+    def smtp_BDAT(self, arg):
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or \
+                (len(words) == 2 and words[1].upper() != "LAST"):
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["BDAT"])
+        size, last = int(words[0]), len(words) == 2
+        try:
+            self._check_recipients()
+        except SMTPError:
+            self._read_exact(size, None, None, None)   # RFC 3030: read, then refuse
+            self.bdat = None
+            raise
+        if self.bdat is None:
+            self.bdat = self._message_readers()
+        checks, header, parts = self.bdat
+        self._read_exact(size, checks, header, parts)
+        if last:
+            self._end_of_data(checks, header, parts)
+        else:
+            self.reply(250, "2.0.0 %d octets received" % size)
+
+    def smtp_RSET(self, arg):
+        self.reset()
+        self.reply(250, "2.0.0 OK")
+
+    def smtp_NOOP(self, arg):
+        self.reply(250, "2.0.0 OK")
+
+    def smtp_QUIT(self, arg):
+        self.reply(221, "2.0.0 Goodbye")
+        self.closing = True
+
+    def smtp_HELP(self, arg):
+        verbs = self._verbs()
+        if not arg:
+            self.reply(250, "Supported commands: " + " ".join(verbs))
+        elif arg.upper() in verbs:
+            self.reply(250, "Syntax: " + SYNTAX[arg.upper()])
+        else:
+            raise SMTPError(501, "Supported commands: " + " ".join(verbs))
+
+    def smtp_VRFY(self, arg):
+        if not arg:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["VRFY"])
+        address = "<%s>" % arg.strip("<>")
+        if "pass=" in arg:
+            self.reply(250, "2.0.0 %s OK" % address)
+        elif "fail=" in arg:
+            raise SMTPError(550, "5.7.1 %s unknown" % address)
+        else:
+            self.reply(252, "2.0.0 Will attempt delivery")
+
+    def smtp_EXPN(self, arg):
+        members = MAILING_LISTS.get(arg.strip("<>").lower())
+        if not members or "fail=" in arg:
+            raise SMTPError(550, "5.7.1 Not authorised")
+        self.reply(250, *("%s <%s@%s>" % (name.title(), name, self.hostname)
+                          for name in members))
+
+    def smtp_ETRN(self, arg):
+        self.reply(250, "2.0.0 Queueing started")
+
+    # ----- message data ---------------------------------------------------
+
+    def _message_readers(self):
+        """(SenderChecks or None, header scan or None, parts list or None)."""
+        env = self.envelope
+        checks = header = None
+        if self.config.sender_checks != "off":
+            checks = SenderChecks(eightbit_ok=env.eightbit)
+            header = checks.header
+        elif self.switches:
+            header = _HeaderScan()
+        return checks, header, [] if self.shared.keep_data else None
+
+    def _read_data(self, checks, header, parts):
+        """Stream DATA content to its end (4.2); True if a dot was unstuffed
+        from a line that had only one (section 11).
+
+        Finds line-leading dots with bytes.find; the end is CRLF.CRLF, or
+        LF.LF after a bare LF, never a mix (no SMTP smuggling).  Content is
+        counted and fed to the checks, and kept only when `parts` is a list.
+        """
+        env, limit = self.envelope, self.config.max_message_size
+        feed = checks.feed if checks is not None else (
+            header.feed if header is not None else None)
+        window = (b"\r\n" if self._last_crlf else b"\0\n") + self._buf[self._pos:]
+        self._buf, self._pos = b"", 0
+        pos, size, dot_issue = 2, 0, False
+        deadline = self._deadline()
+        while True:
+            hit = window.find(b"\n.", pos - 1)
+            crlf = hit > 0 and window[hit - 1] == 13
+            if hit < 0 or len(window) < hit + 3 + crlf:
+                end = len(window) if hit < 0 else hit + 1
+                if feed is not None or parts is not None:
+                    seg = window[pos:end]
+                    if feed is not None:
+                        feed(seg)
+                    if parts is not None:
+                        parts.append(seg)
+                size += end - pos
+                if parts is not None and size > limit:
+                    parts = None
+                data = self._recv(deadline)
+                if b"\n" in data:
+                    deadline = self._deadline()
+                window = window[end - 2:] + data
+                pos = 2
+                continue
+            if feed is not None or parts is not None:
+                seg = window[pos:hit + 1]
+                if feed is not None:
+                    feed(seg)
+                if parts is not None:
+                    parts.append(seg)
+            size += hit + 1 - pos
+            after = window[hit + 2]
+            if crlf and after == 13 and window[hit + 3] == 10:
+                self._buf = window[hit + 4:]
+                break
+            if not crlf and after == 10:
+                self._buf = window[hit + 3:]
+                break
+            if after != 46:
+                dot_issue = True
+            pos = hit + 2
+        env.size = size
+        if parts is not None and size > limit:
+            parts = None
+        env.data = b"".join(parts) if parts is not None else None
+        return dot_issue
+
+    def _read_exact(self, count, checks, header, parts):
+        """Read one BDAT chunk of `count` octets (RFC 3030)."""
+        env, feed = self.envelope, None
+        if checks is not None:
+            feed = checks.feed
+        elif header is not None:
+            feed = header.feed
+        deadline = self._deadline()
+        while count:
+            buf, pos = self._buf, self._pos
+            if pos >= len(buf):
+                buf, pos = self._recv(deadline), 0
+                deadline = self._deadline()
+            seg = buf[pos:pos + count]
+            self._buf, self._pos = buf, pos + len(seg)
+            count -= len(seg)
+            env.size += len(seg)
+            if feed is not None:
+                feed(seg)
+            if parts is not None and env.size <= self.config.max_message_size:
+                parts.append(seg)
+
+    def _end_of_data(self, checks, header, parts):
+        """Decide, count, wait and send the reply to a message (10.1)."""
+        env, config, shared = self.envelope, self.config, self.shared
+        if header is not None:
+            header.finish()
+        issues = checks.issues(env, self.command_bare_lf) if checks else ()
+        self.command_bare_lf = False
+        env.issues = issues
+        if env.data is None and parts is not None and env.size <= config.max_message_size:
+            env.data = b"".join(parts)
+        rng = shared.rng(env.mail_from, env.rcpt_tos) if config.seed is not None else random
+        code = text = None
+        drop = False
+        delay = 0
+        if env.size > config.max_message_size:
+            code, text, result = 552, "5.3.4 Message size exceeds fixed maximum message size", \
+                "too_big"
+        else:
+            for address, plan in [(env.mail_from, env.sender_plan)] + list(
+                    zip(env.rcpt_tos, env.rcpt_plans)):
+                if not plan:
+                    continue
+                wait, action = self._plan(plan, address, "data")
+                delay += wait
+                if action is not None:
+                    shared.stats.add("faults_directive")
+                    if action.action == "drop":
+                        drop = True
+                    else:
+                        code, text = self._directive_reply(action, "rcpt")
+                    break
+            if code is None and not drop and issues and config.sender_checks == "refuse":
+                code, text = 550, "5.6.0 Message refused, sender issues: " + ", ".join(issues)
+            mode, mode_delay = self.mode, self.delay
+            if self.switches and header is not None:
+                mode, mode_delay = self._switches(header, mode, mode_delay)
+            if code is None and not drop:
+                code, text = self._mode_reply(mode, rng)
+            low, high = mode_delay
+            delay += rng.randint(low, high) if high > low else low
+            result = "accepted" if code == 250 else "bounced"
+        if issues and config.sender_checks == "reply" and not drop:
+            text += " (sender issues: %s)" % ", ".join(issues)
+        names = ["messages_" + result] + ["sender_issues_" + i for i in issues]
+        shared.stats.add_many(names)
+        shared.stats.add("bytes_received", env.size)
+        if issues and self._debug:
+            log.debug("%s sender issues: %s", self.peer, ", ".join(issues))
+        self._wait(min(delay, MAX_DELAY))
+        if drop:
+            env.reply = None
+            shared.deliver(env)
+            raise _Disconnect("drop requested by address")
+        env.reply = "%d %s" % (code, text)
+        self.reply(code, text)
+        shared.deliver(env)
+        self.reset()
+        if code == 421:
+            self.closing = True
+
+    def _mode_reply(self, mode, rng):
+        if mode == "accept" or (mode == "random" and rng.randrange(11) == 0):
+            return 250, "2.0.0 OK: queued as %s" % self.shared.message_id()
+        code = rng.choice(_BOUNCE_CODES)
+        return code, BOUNCES[code]
+
+    @staticmethod
+    def _switches(header, mode, delay):
+        """X-Blackhole-Mode and X-Blackhole-Delay (section 4.3)."""
+        if header.mode in MODES:
+            mode = header.mode
+        match = _DELAY_RE.match(header.delay or "")
+        if match:
+            low = min(int(match.group(1)), MAX_DELAY)
+            high = min(int(match.group(2) or low), MAX_DELAY)
+            if low <= high:
+                delay = (low, high)
+        return mode, delay
+
+    # ----- address directives (section 10.1) --------------------------------
+
+    def _plan(self, plan, address, stage):
+        """(seconds to wait, the directive that decides or None) for a stage."""
+        data = stage == "data"
+        acting = [d for d in plan if d.data == data]
+        if not acting:
+            return 0, None
+        seen = self.shared.count((stage, address)) if any(
+            d.count for d in acting) else 1
+        delay = 0
+        for directive in acting:
+            if directive.count is not None and seen > directive.count:
+                continue
+            if directive.action == "delay":
+                delay += directive.value
+            else:
+                return min(delay, MAX_DELAY), directive
+        return min(delay, MAX_DELAY), None
+
+    def _act_now(self, plan, address, stage):
+        """Carry out MAIL or RCPT directives: wait, then raise the reply."""
+        wait, action = self._plan(plan, address, stage)
+        self._wait(wait)
+        if action is not None:
+            self.shared.stats.add("faults_directive")
+            if action.action == "drop":
+                raise _Disconnect("drop requested by address")
+            code, text = self._directive_reply(action, stage)
+            raise SMTPError(code, text, close=code == 421)
+
+    @staticmethod
+    def _directive_reply(directive, stage):
+        if directive.action in ("fail", "defer"):
+            return _FAIL_REPLIES[stage, directive.action]
+        code = directive.value
+        return code, BOUNCES.get(code, "%d.0.0 Failure requested by address" % (code // 100))
+
+    # ----- AUTH (section 5) -------------------------------------------------
+
+    def smtp_AUTH(self, arg):
+        if self.authenticated:
+            raise SMTPError(503, "5.5.1 Already authenticated")
+        if not arg:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["AUTH"])
+        mechanism, _, initial = arg.partition(" ")
+        method = getattr(self, "_auth_" + mechanism.upper().replace("-", "_"), None) \
+            if mechanism.upper() in ("PLAIN", "LOGIN", "CRAM-MD5") else None
+        if method is None:
+            raise SMTPError(504, "5.5.4 Unrecognized authentication type")
+        try:
+            ok = b"fail=" not in method(initial.strip())
+        except _AuthDecided as decided:
+            ok = decided.ok
+        self.shared.stats.add("auth_success" if ok else "auth_failure")
+        if not ok:
+            raise SMTPError(535, "5.7.8 Authentication failed")
+        self.authenticated = True
+        self.reply(235, "2.7.0 Authentication successful")
+
+    def _auth_PLAIN(self, initial):
+        return self._decode(initial) if initial else self._challenge("")
+
+    def _auth_LOGIN(self, initial):
+        user = self._decode(initial) if initial else self._challenge("VXNlcm5hbWU6")
+        return user + b"\0" + self._challenge("UGFzc3dvcmQ6")
+
+    def _auth_CRAM_MD5(self, initial):
+        challenge = "<%d.%d@%s>" % (random.getrandbits(48), time.time(), self.hostname)
+        return self._challenge(base64.b64encode(challenge.encode()).decode())
+
+    def _challenge(self, text):
+        """Send a 334 challenge and decode the client's one-line answer."""
+        self.reply(334, text)
+        line = self._readline(self.max_line)
+        if line is _TOO_LONG:
+            raise SMTPError(500, "5.5.2 Line too long")
+        return self._decode(line.decode("utf-8", "surrogateescape").strip())
+
+    @staticmethod
+    def _decode(text):
+        """A base64 response, or a raw pass=/fail= that decides at once."""
+        if text == "*":
+            raise SMTPError(501, "5.7.0 Authentication cancelled")
+        if text == "=":
+            return b""
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            if "fail=" in text:
+                raise _AuthDecided(False) from None
+            if "pass=" in text:
+                raise _AuthDecided(True) from None
+            raise SMTPError(501, "5.5.2 Cannot decode response") from None
+
+    # ----- TLS (section 6) and PROXY (section 12) ------------------------------
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            raise SMTPError(501, "5.5.4 Syntax: STARTTLS")
+        if self.tls:
+            raise SMTPError(503, "5.5.1 TLS already active")
+        if not self._starttls_offered():
+            raise SMTPError(454, "4.7.0 TLS not available")
+        self.reply(220, "2.0.0 Ready to start TLS")
+        self._flush()
+        self._buf, self._pos = b"", 0   # pipelined after STARTTLS: never executed
+        self._start_tls()
+        self.helo = None
+        self.authenticated = False
+        self.reset()
+
+    def _start_tls(self):
+        """Wrap the socket and shake hands in this thread, under the timeout."""
+        sock = self.server.tls_context.wrap_socket(
+            self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = sock
+        self.shared.track(sock)
+        self._deadline()
+        try:
+            sock.do_handshake()
+        except socket.timeout:
+            self.shared.stats.add("tls_failure")
+            self.shared.stats.add("timeouts")
+            raise _Disconnect("TLS handshake timed out") from None
+        except (ssl.SSLError, OSError) as exc:
+            self.shared.stats.add("tls_failure")
+            if self.shared.stopping.is_set():
+                raise _Disconnect("stopping") from None
+            log.info("TLS handshake with %s failed: %s", self.peer,
+                     getattr(exc, "reason", None) or exc)
+            raise _Disconnect("TLS handshake failed") from None
+        self.tls = True
+        self.shared.stats.add("tls_success")
+        if self._debug:
+            log.debug("%s TLS %s %s", self.peer, sock.version(), sock.cipher()[0])
+
+    def _read_proxy_header(self):
+        """Read a PROXY v1/v2 header without reading past it (12)."""
+        if not _trusted(self.peer, self.config.proxy_trusted):
+            log.info("closed %s: not in proxy_trusted", self.peer)
+            raise _Disconnect("untrusted PROXY sender")
+        deadline, taken = self._deadline(), b""
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Disconnect("PROXY header timed out")
+                self.sock.settimeout(left)
+            try:
+                peek = self.sock.recv(65551 - len(taken), socket.MSG_PEEK)
+                result = parse_proxy(taken + peek) if peek else None
+            except socket.timeout:
+                log.info("closed %s: no PROXY header in time", self.peer)
+                raise _Disconnect("PROXY header timed out") from None
+            except ValueError as exc:
+                log.info("closed %s: %s", self.peer, exc)
+                raise _Disconnect("bad PROXY header") from None
+            if not peek:
+                raise _Disconnect("closed before the PROXY header")
+            if result is None:
+                taken += self.sock.recv(len(peek))
+                continue
+            self._recv_exactly(result[1] - len(taken))
+            break
+        self.sock.settimeout(self._timeout)
+        self._sock_timeout = self._timeout
+        if result[0] is not None:
+            self.peer, self.peer_port = result[0]
+
+    def _recv_exactly(self, count):
+        while count > 0:
+            data = self.sock.recv(count)
+            if not data:
+                raise _Disconnect("closed in the PROXY header")
+            count -= len(data)
+
+
+_BOUNCE_CODES = tuple(sorted(BOUNCES))
+_FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
+    ("mail", "fail"): (553, "5.1.7 Sender address rejected"),
+    ("mail", "defer"): (451, "4.1.7 Sender address temporarily rejected"),
+    ("rcpt", "fail"): (550, "5.1.1 Recipient address rejected"),
+    ("rcpt", "defer"): (450, "4.2.1 Recipient temporarily unavailable"),
+}
+
+
+def _trusted(peer, networks):
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
+
+
+# ###########################################################################
+# Servers
+# ###########################################################################
+
+class SMTPServer(socketserver.TCPServer):
+    """One listener: its socket, settings and the state it shares.
+
+    handle_request() runs one whole session inline, which suits tests;
+    ThreadingSMTPServer serves sessions concurrently.
+    """
+
+    allow_reuse_address = True
+    request_queue_size = 1024   # listen backlog; socketserver's 5 refuses bursts (7)
+
+    def __init__(self, listener, config, shared=None, tls_context=None,
+                 handler=SMTPHandler):
+        self.listener, self.config = listener, config
+        self.shared = shared if shared is not None else _Shared(config)
+        self.tls_context = tls_context
+        self.address_family = listener.family
+        super().__init__((listener.host, listener.port), handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    def handle_error(self, request, client_address):
+        log.exception("error serving %s", client_address)
+
+
+class _ThreadPerRequest(socketserver.ThreadingMixIn):
+    """A thread per connection, each registered so that stop() can close its
+    socket and join it.  socketserver's own list grows without bound on
+    Python 3.8, so block_on_close is off and we track threads ourselves."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self._session_thread,
+                                  args=(request, client_address), daemon=True)
+        with self.shared.lock:
+            self.shared.sessions[thread] = request
+        try:
+            thread.start()
+        except RuntimeError:        # cannot start a new thread
+            with self.shared.lock:
+                del self.shared.sessions[thread]
+            self.shutdown_request(request)
+
+    def _session_thread(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self.shared.lock:
+                self.shared.sessions.pop(threading.current_thread(), None)
+
+
+class ThreadingSMTPServer(_ThreadPerRequest, SMTPServer):
+    """One listener serving each session in its own thread."""
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """GET /metrics in Prometheus text format (section 8); 404 otherwise."""
+
+    timeout = 10
+    server_version = "blackhole/" + __version__
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404, "Not Found")
+            return
+        body = metrics_text(self.server.counters()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        log.debug("metrics %s: " + format, self.client_address[0], *args)
+
+
+class MetricsServer(_ThreadPerRequest, HTTPServer):
+    """The `metrics_listen` HTTP server; `counters` returns the numbers."""
+
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, shared, counters):
+        self.shared, self.counters = shared, counters
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        HTTPServer.__init__(self, address, _MetricsHandler)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)   # skip HTTPServer's getfqdn()
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+def _serve(servers, wake_fd, stopping, watch_fd=None):
+    """Accept connections on every listener until woken or stopping.
+
+    One thread for all listeners; the wake pipe makes stop() prompt, with
+    no poll interval.  watch_fd, when given, ends serving at EOF (a worker
+    watching its supervisor).
+    """
+    with selectors.DefaultSelector() as selector:
+        for server in servers:
+            server.socket.setblocking(False)
+            selector.register(server.socket, selectors.EVENT_READ, server)
+        selector.register(wake_fd, selectors.EVENT_READ, None)
+        if watch_fd is not None:
+            selector.register(watch_fd, selectors.EVENT_READ, None)
+        while not stopping.is_set():
+            for key, _ in selector.select():
+                server = key.data
+                if server is None:
+                    return
+                try:
+                    request, client_address = server.get_request()
+                except (BlockingIOError, InterruptedError):
+                    continue        # another worker took it
+                except OSError as exc:
+                    log.error("accept failed: %s", exc)
+                    stopping.wait(0.05)     # out of file descriptors: back off
+                    continue
+                try:
+                    server.process_request(request, client_address)
+                except Exception:
+                    server.handle_error(request, client_address)
+                    server.shutdown_request(request)
+
+
+# ###########################################################################
+# The embeddable Server
+# ###########################################################################
+
+class Server:
+    """A whole blackhole: every listener of a Config, served in threads.
+
+    Methods for the caller: start(), stop() (both idempotent; also a context
+    manager), wait_for(count, timeout).  Attributes: address, tls_address,
+    addresses, stats, messages (with `capture`), config.
+
+    Server(config=None, capture=0, on_message=None, **options): options are
+    those of Config, as INI strings or Python values; without a listen
+    option the server listens on 127.0.0.1 on an ephemeral port.
+    """
+
+    def __init__(self, config=None, capture=0, on_message=None, less_secure=False,
+                 stats=None, **options):
+        if config is None:
+            options.setdefault("listen", "127.0.0.1:0")
+            config = Config(**options)
+        elif options:
+            raise TypeError("give either a Config or options, not both")
+        self.config = config
+        self.shared = _Shared(config, stats, capture, on_message)
+        self.tls_context = _tls_context(config, less_secure) if config.tls_cert else None
+        self.servers = []
+        self.metrics = None
+        self.counters = None            # a supervisor sums its workers' counters
+        self._thread = None
+        self._wake = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def __repr__(self):
+        return "<blackhole.Server %s>" % (", ".join(
+            "%s:%d" % s.server_address[:2] for s in self.servers) or "unbound")
+
+    def bind(self):
+        """Bind every listener (and metrics_listen); ConfigError if one fails."""
+        if self.servers:
+            return self
+        config = self.config
+        try:
+            for listener in config.listeners():
+                option = "tls_listen" if listener.tls else "listen"
+                try:
+                    self.servers.append(ThreadingSMTPServer(
+                        listener, config, self.shared, self.tls_context))
+                except OSError as exc:
+                    raise ConfigError("%s: %s = %s: cannot bind: %s" % (
+                        config.source, option, listener.text.split()[0],
+                        exc.strerror or exc)) from None
+            if config.metrics_listen:
+                try:
+                    self.metrics = MetricsServer(
+                        config.metrics_listen, self.shared,
+                        lambda: (self.counters or self.shared.stats.as_dict)())
+                except OSError as exc:
+                    raise ConfigError("%s: metrics_listen = %s:%d: cannot bind: %s" % (
+                        config.source, *config.metrics_listen, exc.strerror or exc)) from None
+        except BaseException:
+            self._close_listeners()
+            raise
+        return self
+
+    def start(self):
+        """Bind and serve in a background thread; returns once serving."""
+        if self._thread is not None:
+            return self
+        self.bind()
+        self.shared.stopping.clear()
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self.serve, name="blackhole-accept",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def serve(self, watch_fd=None):
+        """Accept connections in this thread until stop()."""
+        servers = self.servers + ([self.metrics] if self.metrics else [])
+        _serve(servers, self._wake[0], self.shared.stopping, watch_fd)
+
+    def stop(self, grace=1.5):
+        """Close listeners, send 421 to live sessions, join every thread."""
+        shared = self.shared
+        shared.stopping.set()
+        if self._wake is not None:
+            os.write(self._wake[1], b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        self._close_listeners()
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
+        self._close_sessions(grace)
+
+    def _close_listeners(self):
+        for server in self.servers + ([self.metrics] if self.metrics else []):
+            server.server_close()
+        self.servers, self.metrics = [], None
+
+    def _close_sessions(self, grace):
+        """Wake every session blocked on a read; it says 421 and ends."""
+        shared = self.shared
+        with shared.lock:
+            sessions = list(shared.sessions.items())
+        for _, sock in sessions:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RD)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for thread, sock in sessions:
+            thread.join(max(deadline - time.monotonic(), 0))
+            if thread.is_alive():       # stuck writing to a client not reading
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                thread.join()
+
+    # ----- what tests ask --------------------------------------------------
+
+    @property
+    def addresses(self):
+        """Every plain listener's bound (host, port), in config order."""
+        return [s.server_address[:2] for s in self.servers if not s.listener.tls]
+
+    @property
+    def address(self):
+        """The first plain listener's bound (host, port)."""
+        addresses = self.addresses
+        return addresses[0] if addresses else None
+
+    @property
+    def tls_address(self):
+        """The first TLS listener's bound (host, port)."""
+        for server in self.servers:
+            if server.listener.tls:
+                return server.server_address[:2]
+        return None
+
+    @property
+    def metrics_address(self):
+        return self.metrics.server_address[:2] if self.metrics else None
+
+    @property
+    def stats(self):
+        """The counters of section 8, as a dict."""
+        return (self.counters or self.shared.stats.as_dict)()
+
+    @property
+    def messages(self):
+        """The last `capture` envelopes (a deque; clear() empties it)."""
+        if self.shared.messages is None:
+            raise AttributeError("messages needs Server(capture=N)")
+        return self.shared.messages
+
+    def wait_for(self, count, timeout=5.0):
+        """Block until `messages` holds count envelopes; return them."""
+        messages = self.messages
+        with self.shared.arrived:
+            if not self.shared.arrived.wait_for(lambda: len(messages) >= count, timeout):
+                raise TimeoutError("%d of %d messages after %ss" % (
+                    len(messages), count, timeout))
+            return list(messages)
+
+
+# ###########################################################################
+# Command line
+# ###########################################################################
+
+class _Formatter(logging.Formatter):
+    """`blackhole: MESSAGE` at INFO, `blackhole: LEVEL: MESSAGE` otherwise."""
+
+    def format(self, record):
+        text = super().format(record)
+        if record.levelno == logging.INFO:
+            return "blackhole: " + text
+        level = {logging.CRITICAL: "error"}.get(record.levelno, record.levelname.lower())
+        return "blackhole: %s: %s" % (level, text)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EX_USAGE, "blackhole: %s (see --help)\n" % message)
+
+
+def _arguments(argv):
+    parser = _ArgumentParser(
+        prog="blackhole", description="An SMTP server that accepts every message "
+        "and forgets it.")
+    add = parser.add_argument
+    add("-v", "--version", action="version", version="blackhole " + __version__)
+    add("-c", "--conf", metavar="FILE", help="the config file (default: built-in defaults)")
+    add("-t", "--test", action="store_true",
+        help="validate the config and test-bind every listener, then exit")
+    add("-d", "--debug", action="store_true", help="log every connection, command and reply")
+    add("-b", "--background", action="store_true", help="run in the background (daemonize)")
+    add("-q", "--quiet", action="store_true", help="suppress warnings")
+    add("-ls", "--less-secure", action="store_true",
+        help="leave out single-use (EC)DH keys; kept for kura/blackhole command lines")
+    add("--options", action="store_true", help="print every config option and exit")
+    return parser.parse_args(argv)
+
+
+def _warn(args, message):
+    if not args.quiet:
+        log.warning(message)
+
+
+def _drop_privileges(config):
+    """Switch to user/group when root (section 7); ConfigError if it fails."""
+    if not hasattr(os, "getuid") or os.getuid() != 0:
+        return
+    try:
+        if config.user:
+            entry = _user(config.user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        else:
+            uid, gid = None, None
+        if config.group:
+            gid = _group(config.group).gr_gid
+        if gid is not None:
+            os.setgroups([gid])
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+    except (OSError, KeyError) as exc:
+        option = "user" if config.user else "group"
+        raise ConfigError("%s: %s = %s: cannot switch to it: %s" % (
+            config.source, option, getattr(config, option),
+            getattr(exc, "strerror", None) or exc)) from None
+
+
+def _write_pidfile(path, source):
+    try:
+        with open(path, "w") as handle:
+            handle.write("%d\n" % os.getpid())
+    except OSError as exc:
+        raise ConfigError("%s: pidfile = %s: cannot write: %s" % (
+            source, path, exc.strerror)) from None
+
+
+def _remove_pidfile(path):
+    if path:
+        try:
+            with open(path) as handle:
+                if handle.read().strip() != str(os.getpid()):
+                    return
+            os.remove(path)
+        except (OSError, ValueError):
+            pass
+
+
+def _daemonize():
+    """Double fork; the launching process waits for the daemon's word.
+
+    Returns the pipe the daemon writes "ok" (or an error line) to; the
+    launcher exits 0 on "ok", else prints the line and exits 64.
+    """
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            word = pipe.read().decode("utf-8", "replace")
+        try:
+            os.wait()
+        except ChildProcessError:
+            pass
+        if word == "ok":
+            os._exit(EX_OK)
+        sys.stderr.write(word or "blackhole: the daemon stopped before serving\n")
+        sys.stderr.flush()
+        os._exit(EX_USAGE)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork():
+        os._exit(EX_OK)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    return write_fd
+
+
+def _listening(server, log_fn=log.info):
+    for srv in server.servers:
+        listener, config = srv.listener, server.config
+        host, port = srv.server_address[:2]
+        flags = ["mode=" + (listener.mode or config.mode)]
+        delay = listener.delay or config.delay
+        if delay != (0, 0):
+            flags.append("delay=%s" % (delay[0] if delay[0] == delay[1] else "%d-%d" % delay))
+        if listener.greylist:
+            flags.append("greylist=%d" % listener.greylist)
+        if listener.proxy:
+            flags.append("proxy=on")
+        log_fn("listening on %s (%s, %s)", "[%s]:%d" % (host, port) if ":" in host
+               else "%s:%d" % (host, port), "smtps" if listener.tls else "smtp",
+               ", ".join(flags))
+    if server.metrics:
+        log_fn("metrics on http://%s:%d/metrics", *server.metrics_address)
+
+
+class _Signals:
+    """Signal handlers that only set flags; the main loop acts on them."""
+
+    def __init__(self):
+        self.wake = threading.Event()
+        self.stop = self.usr1 = self.child = False
+        for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"),
+                           ("SIGUSR1", "usr1"), ("SIGCHLD", "child")):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handler(attr))
+
+    def _handler(self, attr):
+        def handler(signum, frame):
+            setattr(self, attr, True)
+            self.wake.set()
+        return handler
+
+    def wait(self, timeout=None):
+        self.wake.wait(timeout)
+        self.wake.clear()
+
+
+def _run(server):
+    """Serve in this process until SIGTERM or SIGINT."""
+    signals = _Signals()
+    server.start()
+    try:
+        while not signals.stop:
+            signals.wait()
+            if signals.usr1:
+                signals.usr1 = False
+                log.info("%s", counters_line(server.stats))
+    finally:
+        server.stop()
+
+
+def _supervise(server, pidfile):
+    """workers = N: fork N workers on the bound sockets and keep them alive."""
+    import mmap
+    count = server.config.workers
+    memory = mmap.mmap(-1, Stats.size * count)
+    slots = [Stats(memoryview(memory)[i * Stats.size:(i + 1) * Stats.size])
+             for i in range(count)]
+    server.counters = lambda: Stats.summed(slots)
+    signals = _Signals()
+    watch_read, watch_write = os.pipe()
+    workers, starts, backoff = {}, {}, [0.0] * count
+    due = {i: 0.0 for i in range(count)}
+
+    def spawn(index):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(watch_write)
+                _worker(server, slots[index], watch_read)
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        workers[pid] = index
+        starts[index] = time.monotonic()
+
+    metrics = None
+    if server.metrics:
+        # only the supervisor serves /metrics; workers close their copy
+        metrics = Server(server.config)
+        metrics.servers, metrics.metrics = [], server.metrics
+        metrics.counters = server.counters
+    try:
+        for index in range(count):
+            spawn(index)
+        due.clear()
+        if metrics:
+            server.metrics = None
+            metrics.start()
+        while not signals.stop:
+            now = time.monotonic()
+            for index, when in list(due.items()):
+                if now >= when:
+                    del due[index]
+                    slots[index]._array[Stats.names.index("connections_active")] = 0
+                    spawn(index)
+            signals.wait(min(due.values()) - now if due else None)
+            if signals.usr1:
+                signals.usr1 = False
+                log.info("%s", counters_line(server.counters()))
+            signals.child = False
+            for pid, status in _reap(workers):
+                index = workers.pop(pid)
+                lived = time.monotonic() - starts[index]
+                backoff[index] = 0.1 if lived > 5 else min(max(backoff[index] * 2, 0.1), 5)
+                log.warning("worker %d (pid %d) exited with status %s; restarting in %.1fs",
+                            index, pid, status, backoff[index])
+                due[index] = time.monotonic() + backoff[index]
+    finally:
+        for pid in workers:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 1.5
+        while workers and time.monotonic() < deadline:
+            for pid, _ in _reap(workers):
+                workers.pop(pid)
+            if workers:
+                signals.wait(0.05)
+        for pid in workers:
+            _kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(watch_write)
+        os.close(watch_read)
+        if metrics:
+            metrics.stop()
+        server.stop()
+
+
+def _reap(workers):
+    for pid in list(workers):
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 0
+        if done:
+            yield pid, status
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _worker(server, stats, watch_fd):
+    """One worker: serve the inherited listeners until told or orphaned."""
+    for sig in ("SIGCHLD", "SIGUSR1"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), signal.SIG_DFL)
+    if server.metrics:
+        server.metrics.server_close()
+        server.metrics = None
+    shared = _Shared(server.config, stats)
+    server.shared = shared
+    for srv in server.servers:
+        srv.shared = shared
+    signals = _Signals()
+    server._wake = os.pipe()
+    thread = threading.Thread(target=server.serve, args=(watch_fd,), daemon=True)
+    server._thread = thread
+    thread.start()
+    while not signals.stop and thread.is_alive():
+        signals.wait(1.0)
+        if signals.usr1:
+            signals.usr1 = False
+            log.info("%s", counters_line(stats.as_dict()))
+    server.stop()
+
+
+def main(argv=None):
+    """The `blackhole` command; returns the exit status."""
+    args = _arguments(argv)
+    if args.options:
+        sys.stdout.write(options_text())
+        return EX_OK
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    log.propagate = False
+    source = args.conf or "<defaults>"
+    pipe = None
+    try:
+        config = Config.from_file(args.conf) if args.conf else Config(source=source)
+        server = Server(config, less_secure=args.less_secure)
+        if args.test:
+            server.bind()
+            server._close_listeners()
+            sys.stdout.write("blackhole: %s syntax is OK\nblackhole: %s test was successful\n"
+                             % (source, source))
+            return EX_OK
+        if args.less_secure:
+            _warn(args, "-ls leaves out single-use (EC)DH keys")
+        if config.timeout == 0:
+            _warn(args, "timeout = 0: idle clients are never cut off")
+        if config.tls_cert and not config.tls_dhparams:
+            _warn(args, "TLS without tls_dhparams: only ECDHE key exchange")
+        if hasattr(os, "getuid") and os.getuid() == 0 and not (config.user or config.group):
+            _warn(args, "running as root without user/group")
+        threading.stack_size(256 * 1024)    # thousands of idle sessions stay cheap
+        server.bind()
+        if args.background:
+            pipe = _daemonize()
+        _drop_privileges(config)
+        pidfile = config.pidfile or ("/tmp/blackhole.pid" if args.background else None)
+        if pidfile:
+            _write_pidfile(pidfile, source)
+    except ConfigError as exc:
+        if pipe is not None:
+            os.write(pipe, ("blackhole: %s\n" % exc).encode())
+            os._exit(EX_USAGE)
+        sys.stderr.write("blackhole: %s\n" % exc)
+        return EX_USAGE
+    try:
+        _listening(server)
+        if pipe is not None:
+            os.write(pipe, b"ok")
+            os.close(pipe)
+        if config.workers > 1 and hasattr(os, "fork"):
+            _supervise(server, pidfile)
+        else:
+            _run(server)
+        log.info("stopped")
+    finally:
+        _remove_pidfile(pidfile)
+    return EX_OK
+
+
+def config_main(argv=None):
+    """The `blackhole_config` command: print every option."""
+    sys.stdout.write(options_text())
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
