@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import mmap                 # not lazily: the stdlib may be unreadable once privileges drop
 import os
 import random
 import re
@@ -201,10 +202,15 @@ def _split_hostport(text):
             host = "::"
         elif host == "":
             host = "0.0.0.0"
-    port = _parse_int(port, 0, 65535) if port.strip().isdigit() else None
-    if port is None:
+    port = port.strip()
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError("port must be a number from 0 to 65535")
-    return host or "0.0.0.0", port
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("must be ADDR:PORT ([ADDR]:PORT for IPv6)") from None
+    return host or "0.0.0.0", int(port)
 
 
 def parse_listen(text, tls=False):
@@ -297,13 +303,22 @@ def _parse_readable(text):
     return path
 
 
+def _pem_has(path, marker):
+    """True if the file at path holds marker (a PEM boundary) in its first MiB."""
+    try:
+        with open(path, "rb") as handle:
+            return marker in handle.read(1 << 20)
+    except OSError:
+        return False
+
+
 def _parse_name(lookup):
     def parse(text):
         name = str(text).strip()
         try:
             lookup(name)
         except (KeyError, ImportError):
-            raise ValueError("no such user or group") from None
+            raise ValueError("no such %s" % lookup.__name__.strip("_")) from None
         return name
     return parse
 
@@ -371,7 +386,7 @@ OPTIONS = {
                                lambda text: _parse_int(text, 0)),
     "rate_limit": ("N/SECONDS", "none", "messages per client address", parse_rate),
     "seed": ("INTEGER", "none", "makes random choices reproducible",
-             lambda text: int(str(text).strip())),
+             lambda text: _parse_int(text, -(1 << 63), (1 << 63) - 1)),
     "sender_checks": ("off|count|reply|refuse", "count",
                       "what to do with the sender issues of a message",
                       lambda text: _choice(text, ("off", "count", "reply", "refuse"))),
@@ -411,7 +426,7 @@ class Config:
         values = dict(self._defaults)
         for name, value in options.items():
             if name not in OPTIONS:
-                raise ConfigError("%s: unknown option %r" % (source, name))
+                raise ConfigError("%s: %s = %s: unknown option" % (source, name, value))
             values[name] = value
         for name, value in values.items():
             if value is not None:
@@ -433,22 +448,25 @@ class Config:
             raise ConfigError("%s: %s = %s: %s" % (
                 source, name, _show(getattr(self, name)), reason))
         if bool(self.tls_cert) != bool(self.tls_key):
-            fail("tls_cert" if self.tls_key else "tls_key",
+            fail("tls_key" if self.tls_key else "tls_cert",
                  "tls_cert and tls_key go together")
         if self.tls_cert:
+            # OpenSSL's own reasons ("PEM lib") do not say which file is wrong
+            if not _pem_has(self.tls_cert, b"-----BEGIN CERTIFICATE-----"):
+                fail("tls_cert", "no PEM certificate in it")
+            if not _pem_has(self.tls_key, b"PRIVATE KEY-----"):
+                fail("tls_key", "no PEM private key in it")
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
                     self.tls_cert, self.tls_key)
-            except (ssl.SSLError, OSError) as exc:
-                fail("tls_key", "does not load with tls_cert: %s" % (
-                    getattr(exc, "reason", None) or exc))
+            except (ssl.SSLError, OSError):
+                fail("tls_key", "does not match tls_cert")
         if self.tls_dhparams:
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_dh_params(
                     self.tls_dhparams)
-            except (ssl.SSLError, OSError) as exc:
-                fail("tls_dhparams", "does not load: %s" % (
-                    getattr(exc, "reason", None) or exc))
+            except (ssl.SSLError, OSError):
+                fail("tls_dhparams", "no PEM DH parameters in it")
         if self.tls_listen and not self.tls_cert:
             fail("tls_listen", "needs tls_cert and tls_key")
         if self.starttls is None:
@@ -490,20 +508,20 @@ class Config:
             interpolation=None, inline_comment_prefixes=("#", ";"),
             default_section="\0none")
         parser.optionxform = str.lower
+        offset = 0                      # lines added above the file's own
         if not re.search(r"^\s*\[", text, re.M):
-            text = "[blackhole]\n" + text
+            text, offset = "[blackhole]\n" + text, 1
         try:
             parser.read_string(text, source=path)
         except configparser.Error as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError("%s: %s" % (path, first)) from None
+            raise ConfigError("%s: %s" % (path, _ini_error(exc, text, offset))) from None
         for section in parser.sections():
             if section != "blackhole":
                 raise ConfigError("%s: unknown section [%s]" % (path, section))
         options = dict(parser.items("blackhole")) if parser.has_section("blackhole") else {}
-        for name in options:
+        for name, value in options.items():
             if name not in OPTIONS:
-                raise ConfigError("%s: unknown option %r" % (path, name))
+                raise ConfigError("%s: %s = %s: unknown option" % (path, name, value))
         options.update(overrides)
         return cls(source=path, **options)
 
@@ -526,10 +544,33 @@ def _as_text(name, value):
     return str(value)
 
 
+def _ini_error(exc, text, offset):
+    """A configparser error as `line N: LINE: reason`, numbered as in the file."""
+    lineno = getattr(exc, "lineno", None)
+    if lineno is None and getattr(exc, "errors", None):
+        lineno = exc.errors[0][0]
+    if lineno is None:
+        return str(exc).splitlines()[0]
+    line = text.split("\n")[lineno - 1].strip()
+    if isinstance(exc, (configparser.DuplicateOptionError,
+                        configparser.DuplicateSectionError)):
+        reason = "given twice"
+    elif isinstance(exc, configparser.MissingSectionHeaderError):
+        reason = "comes before the [blackhole] header"
+    else:
+        reason = "not OPTION = VALUE"
+    return "line %d: %s: %s" % (lineno - offset, line, reason)
+
+
 def _show(value):
     """An option's value as the user wrote it, for error lines."""
-    if isinstance(value, tuple) and value and isinstance(value[0], Listener):
+    if isinstance(value, tuple) and all(isinstance(item, Listener) for item in value):
         return ", ".join(item.text for item in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(item, int) for item in value):      # delay
+        return "%d" % value[0] if value[0] == value[1] else "%d-%d" % value
     return value
 
 
@@ -589,8 +630,8 @@ count the K of an xK suffix, or None.
 """
 
 _DIRECTIVE_RE = re.compile(
-    r"^(data-)?(fail|defer|drop|421|4[5-9]\d|5[0-5]\d|delay-\d+)(?:x([1-9]\d*))?$",
-    re.I)
+    r"^(data-)?(fail|defer|drop|421|4[5-9]\d|5[0-5]\d|delay-\d+)(?:x([1-9]\d*))?\Z",
+    re.I | re.A)        # ASCII: no other script's digits or letters, no "\n"
 
 
 def parse_directives(address):
@@ -782,7 +823,7 @@ class Envelope:
 
     __slots__ = ("peer", "helo", "mail_from", "mail_options", "rcpt_tos",
                  "data", "reply", "issues", "size", "smtputf8", "eightbit",
-                 "utf8_address", "no_helo", "refused", "sender_plan",
+                 "utf8_address", "no_helo", "refused", "sender_plan", "has_plans",
                  "rcpt_plans")
 
     def __init__(self, peer=None, helo=None):
@@ -798,6 +839,7 @@ class Envelope:
         self.no_helo = False
         self.refused = 0            # recipients refused in this transaction
         self.sender_plan = ()
+        self.has_plans = False      # some address carries directives (10.1)
         self.rcpt_plans = []
 
     def __repr__(self):
@@ -830,11 +872,14 @@ class Stats:
         with self._lock:
             self._array[self._index[name]] += amount
 
-    def add_many(self, names):
-        index = self._index
+    def message(self, result, size, issues):
+        """Count one message whose data was received (section 8, 11)."""
+        index, array = self._index, self._array
         with self._lock:
-            for name in names:
-                self._array[index[name]] += 1
+            array[index["messages_" + result]] += 1
+            array[index["bytes_received"]] += size
+            for issue in issues:
+                array[index["sender_issues_" + issue]] += 1
 
     def as_dict(self):
         return dict(zip(self.names, self._array.tolist()))
@@ -1061,7 +1106,7 @@ class _Shared:
         self.stats = stats or Stats()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
-        self.sessions = {}              # thread -> socket, to close on stop
+        self.sessions = {}              # thread -> handler (socket until set up)
         self.per_ip = collections.Counter()
         self._active = 0                # sessions admitted and open
         self.greylists = {}             # period -> Greylist
@@ -1129,10 +1174,15 @@ class _Shared:
                 del self.per_ip[peer]
         self.stats.add("connections_active", -1)
 
-    def track(self, sock):
-        """The session in this thread now talks over sock (after STARTTLS)."""
+    def reap(self):
+        """Cut off every session whose awaited line is overdue (4.5)."""
+        now = time.monotonic()
         with self.lock:
-            self.sessions[threading.current_thread()] = sock
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            deadline = getattr(session, "deadline", None)
+            if deadline is not None and now > deadline:
+                session.kick(now)
 
     def deliver(self, envelope):
         """Hand a finished envelope to capture and on_message."""
@@ -1189,7 +1239,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_line = 12288                # any command line; the excess is discarded (4.4)
     max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
     max_unknown = 10                # unknown commands before the session is closed
-    max_verb = 16                   # longer "verbs" are not looked up
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
 
     # ----- session life -------------------------------------------------
@@ -1208,7 +1257,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self._pos = 0                   # first unused octet in _buf
         self._out = []                  # replies not yet written
         self._timeout = config.timeout or None
-        self._sock_timeout = self._timeout
+        self.deadline = None            # when the line awaited now is overdue
+        self.timed_out = False          # the reaper cut the session off
         self._last_crlf = True          # the last command line ended with CRLF
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.tls = False
@@ -1223,6 +1273,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.greylist = listener.greylist if listener.greylist is not None \
             else config.greylist
         self.switches = config.dynamic_switch and not (listener.mode or listener.delay)
+        self.strict = config.strict
+        self.verbs = _wire_verbs(type(self))
         self.envelope = None
         self.bdat = None                # (SenderChecks, header, parts) during BDAT
         if self.disable_nagle_algorithm:
@@ -1230,7 +1282,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
             except OSError:
                 pass
-        self.sock.settimeout(self._timeout)
+        with self.shared.lock:
+            self.shared.sessions[threading.current_thread()] = self
 
     def handle(self):
         try:
@@ -1288,35 +1341,39 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     # ----- reading and writing -------------------------------------------
 
-    def _recv(self, deadline):
-        """One block from the client, at most until deadline; b"" at the end."""
+    def _recv(self):
+        """One block from the client; never b"" (the end raises)."""
         if self._out:
             self._flush()
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("timed out")
-            if abs(left - self._sock_timeout) > 0.05:
-                self.sock.settimeout(left)
-                self._sock_timeout = left
         try:
             data = self.sock.recv(self.read_size)
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
             data = b""
         if not data:
+            if self.timed_out:
+                raise socket.timeout("timed out")
             if self.shared.stopping.is_set():
                 raise _Shutdown()
             raise _Disconnect("connection closed by client")
         return data
 
-    def _deadline(self):
-        timeout = self._timeout
-        if timeout is None:
-            return None
-        if self._sock_timeout != timeout:
-            self.sock.settimeout(timeout)
-            self._sock_timeout = timeout
-        return time.monotonic() + timeout
+    def _start_clock(self):
+        """Start the timeout for the line now awaited (section 4.5).
+
+        Sockets stay blocking (no poll() before each recv); the accept
+        loop's reaper shuts down the reading side of overdue sessions.
+        """
+        if self._timeout:
+            self.deadline = time.monotonic() + self._timeout
+
+    def kick(self, now):
+        """Called by the reaper when the deadline passed: wake the session
+        blocked on a read (it answers 421); a second kick also closes the
+        writing side of one stuck writing to a client that does not read."""
+        how = socket.SHUT_RDWR if self.timed_out else socket.SHUT_RD
+        self.timed_out = True
+        self.deadline = now + (self._timeout or 0)
+        _shutdown(self.sock, how)
 
     def _readline(self, limit):
         """One command line, CRLF or LF included, or _TOO_LONG.
@@ -1330,7 +1387,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self._pos = end + 1
             return buf[pos:end + 1]
         buf = buf[pos:]
-        deadline = self._deadline()
+        self._start_clock()
         too_long = False
         while True:
             end = buf.find(b"\n")
@@ -1338,18 +1395,23 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 break
             if end >= 0:        # the end of an overlong line
                 self._buf, self._pos = buf[end + 1:], 0
+                self.deadline = None
                 return _TOO_LONG
             if len(buf) > limit:
                 too_long, buf = True, b""
-            buf += self._recv(deadline)
+            buf += self._recv()
         self._buf, self._pos = buf, end + 1
+        self.deadline = None
         return buf[:end + 1]
 
     def reply(self, code, *lines):
         """Queue a reply; the last line uses a space, the others a dash."""
-        lines = lines or ("",)
-        text = "".join("%d-%s\r\n" % (code, line) for line in lines[:-1]) + \
-            "%d %s\r\n" % (code, lines[-1])
+        if len(lines) == 1:
+            text = "%d %s\r\n" % (code, lines[0])
+        else:
+            lines = lines or ("",)
+            text = "".join("%d-%s\r\n" % (code, line) for line in lines[:-1]) + \
+                "%d %s\r\n" % (code, lines[-1])
         if self._debug:
             for line in text.splitlines():
                 log.debug("%s < %s", self.peer, line)
@@ -1376,6 +1438,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         """Sleep for a delay, but never hold up shutdown."""
         if seconds > 0:
             self._flush()
+            self.deadline = None
             if self.shared.stopping.wait(min(seconds, MAX_DELAY)):
                 raise _Shutdown()
 
@@ -1387,7 +1450,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         try:
             if line is _TOO_LONG:
                 self._unknown(500, "5.5.2 Line too long")
-            self._last_crlf = line.endswith(b"\r\n")
+            self._last_crlf = line[-2:] == b"\r\n"
             if not self._last_crlf:
                 self.command_bare_lf = True
             text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
@@ -1396,15 +1459,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if self._debug:
                 log.debug("%s > %s", self.peer, name + " " + arg.split(" ", 1)[0]
                           if name == "AUTH" else text)
-            if self.config.strict and len(line) > (
+            if self.strict and len(line) > (
                     self.max_line if name == "AUTH" else self.max_strict_line):
                 self._unknown(500, "5.5.2 Line too long")
-            method = None
-            if 0 < len(name) <= self.max_verb and name.isalpha() and name.isascii():
-                method = getattr(self, "smtp_" + name, None)
-            if method is None:
+            if name not in self.verbs:
                 self._unknown()
-            method(arg.strip())
+            getattr(self, "smtp_" + name)(arg.strip())
         except SMTPError as err:
             self.reply(err.code, err.text)
             if err.close:
@@ -1430,7 +1490,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         return bool(self.config.starttls and not self.tls and self.server.tls_context)
 
     def _verbs(self):
-        verbs = sorted(name[5:] for name in dir(self) if name.startswith("smtp_"))
+        verbs = sorted(self.verbs)
         if not self._starttls_offered():
             verbs.remove("STARTTLS")
         return verbs
@@ -1474,6 +1534,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reset()
         env = self.envelope
         env.mail_from, env.mail_options, env.sender_plan = address, params, plan
+        env.has_plans = bool(plan)
         env.smtputf8 = "SMTPUTF8" in params
         env.eightbit = env.smtputf8 or str(params.get("BODY", "")).upper() in (
             "8BITMIME", "BINARYMIME")
@@ -1506,6 +1567,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             raise
         env.rcpt_tos.append(address)
         env.rcpt_plans.append(plan)
+        env.has_plans = env.has_plans or bool(plan)
         self.reply(250, "2.1.5 OK")
 
     def _check_params(self, params, known):
@@ -1625,7 +1687,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         window = (b"\r\n" if self._last_crlf else b"\0\n") + self._buf[self._pos:]
         self._buf, self._pos = b"", 0
         pos, size, dot_issue = 2, 0, False
-        deadline = self._deadline()
+        self._start_clock()
         while True:
             hit = window.find(b"\n.", pos - 1)
             crlf = hit > 0 and window[hit - 1] == 13
@@ -1640,9 +1702,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 size += end - pos
                 if parts is not None and size > limit:
                     parts = None
-                data = self._recv(deadline)
+                data = self._recv()
                 if b"\n" in data:
-                    deadline = self._deadline()
+                    self._start_clock()
                 window = window[end - 2:] + data
                 pos = 2
                 continue
@@ -1663,6 +1725,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if after != 46:
                 dot_issue = True
             pos = hit + 2
+        self.deadline = None
         env.size = size
         if parts is not None and size > limit:
             parts = None
@@ -1676,12 +1739,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             feed = checks.feed
         elif header is not None:
             feed = header.feed
-        deadline = self._deadline()
+        self._start_clock()
         while count:
             buf, pos = self._buf, self._pos
             if pos >= len(buf):
-                buf, pos = self._recv(deadline), 0
-                deadline = self._deadline()
+                buf, pos = self._recv(), 0
+                self._start_clock()
             seg = buf[pos:pos + count]
             self._buf, self._pos = buf, pos + len(seg)
             count -= len(seg)
@@ -1690,59 +1753,28 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 feed(seg)
             if parts is not None and env.size <= self.config.max_message_size:
                 parts.append(seg)
+        self.deadline = None
 
     def _end_of_data(self, checks, header, parts):
-        """Decide, count, wait and send the reply to a message (10.1)."""
-        env, config, shared = self.envelope, self.config, self.shared
+        """Count, wait and send the reply to a message (10.1, 11)."""
+        env, shared = self.envelope, self.shared
         if header is not None:
             header.finish()
-        issues = checks.issues(env, self.command_bare_lf) if checks else ()
+        issues = env.issues = checks.issues(env, self.command_bare_lf) if checks else ()
         self.command_bare_lf = False
-        env.issues = issues
-        if env.data is None and parts is not None and env.size <= config.max_message_size:
+        if env.data is None and parts is not None and \
+                env.size <= self.config.max_message_size:
             env.data = b"".join(parts)
-        rng = shared.rng(env.mail_from, env.rcpt_tos) if config.seed is not None else random
-        code = text = None
-        drop = False
-        delay = 0
-        if env.size > config.max_message_size:
-            code, text, result = 552, "5.3.4 Message size exceeds fixed maximum message size", \
-                "too_big"
-        else:
-            for address, plan in [(env.mail_from, env.sender_plan)] + list(
-                    zip(env.rcpt_tos, env.rcpt_plans)):
-                if not plan:
-                    continue
-                wait, action = self._plan(plan, address, "data")
-                delay += wait
-                if action is not None:
-                    shared.stats.add("faults_directive")
-                    if action.action == "drop":
-                        drop = True
-                    else:
-                        code, text = self._directive_reply(action, "rcpt")
-                    break
-            if code is None and not drop and issues and config.sender_checks == "refuse":
-                code, text = 550, "5.6.0 Message refused, sender issues: " + ", ".join(issues)
-            mode, mode_delay = self.mode, self.delay
-            if self.switches and header is not None:
-                mode, mode_delay = self._switches(header, mode, mode_delay)
-            if code is None and not drop:
-                code, text = self._mode_reply(mode, rng)
-            low, high = mode_delay
-            delay += rng.randint(low, high) if high > low else low
-            result = "accepted" if code == 250 else "bounced"
-        if issues and config.sender_checks == "reply" and not drop:
+        result, code, text, delay = self._decide(env, header)
+        if issues and code and self.config.sender_checks == "reply":
             text += " (sender issues: %s)" % ", ".join(issues)
-        names = ["messages_" + result] + ["sender_issues_" + i for i in issues]
-        shared.stats.add_many(names)
-        shared.stats.add("bytes_received", env.size)
+        shared.stats.message(result, env.size, issues)
         if issues and self._debug:
             log.debug("%s sender issues: %s", self.peer, ", ".join(issues))
-        self._wait(min(delay, MAX_DELAY))
-        if drop:
-            env.reply = None
+        self._wait(delay)
+        if code is None:            # drop: the reply a sender never gets
             shared.deliver(env)
+            self._flush()           # earlier pipelined commands keep their replies (4.6)
             raise _Disconnect("drop requested by address")
         env.reply = "%d %s" % (code, text)
         self.reply(code, text)
@@ -1750,6 +1782,36 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reset()
         if code == 421:
             self.closing = True
+
+    def _decide(self, env, header):
+        """(result, code, text, seconds to wait) for a message, in the order
+        of section 10.1: size, data- directives, refuse, then the mode.
+        A code of None means drop."""
+        config, shared = self.config, self.shared
+        if env.size > config.max_message_size:
+            return "too_big", 552, "5.3.4 Message size exceeds fixed maximum message size", 0
+        rng = shared.rng(env.mail_from, env.rcpt_tos) if config.seed is not None else random
+        mode, (low, high) = self.mode, self.delay
+        if self.switches and header is not None:
+            mode, (low, high) = self._switches(header, mode, (low, high))
+        delay = rng.randint(low, high) if high > low else low
+        decided = None
+        if env.has_plans:
+            for address, plan in [(env.mail_from, env.sender_plan)] + list(
+                    zip(env.rcpt_tos, env.rcpt_plans)):
+                wait, action = self._plan(plan, address, "data")
+                delay += wait
+                if action is not None:
+                    shared.stats.add("faults_directive")
+                    decided = (None, None) if action.action == "drop" else \
+                        self._directive_reply(action, "rcpt")
+                    break
+        if decided is None and env.issues and config.sender_checks == "refuse":
+            decided = 550, "5.6.0 Message refused, sender issues: " + ", ".join(env.issues)
+        if decided is None:
+            decided = self._mode_reply(mode, rng)
+        code, text = decided
+        return ("accepted" if code == 250 else "bounced"), code, text, min(delay, MAX_DELAY)
 
     def _mode_reply(self, mode, rng):
         if mode == "accept" or (mode == "random" and rng.randrange(11) == 0):
@@ -1797,6 +1859,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if action is not None:
             self.shared.stats.add("faults_directive")
             if action.action == "drop":
+                self._flush()       # earlier pipelined commands keep their replies (4.6)
                 raise _Disconnect("drop requested by address")
             code, text = self._directive_reply(action, stage)
             raise SMTPError(code, text, close=code == 421)
@@ -1857,6 +1920,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if text == "=":
             return b""
         try:
+            if len(text) % 4:   # before 3.13 b64decode ignores excess padding: "fail="
+                raise binascii.Error("not a multiple of 4 characters")
             return base64.b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError):
             if "fail=" in text:
@@ -1887,21 +1952,21 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         sock = self.server.tls_context.wrap_socket(
             self.sock, server_side=True, do_handshake_on_connect=False)
         self.sock = sock
-        self.shared.track(sock)
-        self._deadline()
+        self._start_clock()
         try:
             sock.do_handshake()
-        except socket.timeout:
-            self.shared.stats.add("tls_failure")
-            self.shared.stats.add("timeouts")
-            raise _Disconnect("TLS handshake timed out") from None
         except (ssl.SSLError, OSError) as exc:
             self.shared.stats.add("tls_failure")
+            if self.timed_out:
+                self.shared.stats.add("timeouts")
+                log.info("TLS handshake with %s timed out", self.peer)
+                raise _Disconnect("TLS handshake timed out") from None
             if self.shared.stopping.is_set():
                 raise _Disconnect("stopping") from None
             log.info("TLS handshake with %s failed: %s", self.peer,
                      getattr(exc, "reason", None) or exc)
             raise _Disconnect("TLS handshake failed") from None
+        self.deadline = None
         self.tls = True
         self.shared.stats.add("tls_success")
         if self._debug:
@@ -1912,31 +1977,26 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if not _trusted(self.peer, self.config.proxy_trusted):
             log.info("closed %s: not in proxy_trusted", self.peer)
             raise _Disconnect("untrusted PROXY sender")
-        deadline, taken = self._deadline(), b""
+        self._start_clock()
+        taken = b""
         while True:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise _Disconnect("PROXY header timed out")
-                self.sock.settimeout(left)
             try:
                 peek = self.sock.recv(65551 - len(taken), socket.MSG_PEEK)
                 result = parse_proxy(taken + peek) if peek else None
-            except socket.timeout:
-                log.info("closed %s: no PROXY header in time", self.peer)
-                raise _Disconnect("PROXY header timed out") from None
             except ValueError as exc:
                 log.info("closed %s: %s", self.peer, exc)
                 raise _Disconnect("bad PROXY header") from None
             if not peek:
+                if self.timed_out:
+                    self.shared.stats.add("timeouts")
+                    log.info("closed %s: no PROXY header in time", self.peer)
                 raise _Disconnect("closed before the PROXY header")
             if result is None:
                 taken += self.sock.recv(len(peek))
                 continue
             self._recv_exactly(result[1] - len(taken))
             break
-        self.sock.settimeout(self._timeout)
-        self._sock_timeout = self._timeout
+        self.deadline = None
         if result[0] is not None:
             self.peer, self.peer_port = result[0]
 
@@ -1949,6 +2009,22 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))
+
+
+_VERBS = {}     # handler class -> the verbs it answers
+
+
+def _wire_verbs(handler_class):
+    """The verbs a handler class answers: its smtp_VERB method names.
+
+    A client's verb is only looked up once it is one of these, so no
+    other attribute is ever reachable from the wire."""
+    verbs = _VERBS.get(handler_class)
+    if verbs is None:
+        verbs = _VERBS[handler_class] = frozenset(
+            name[5:] for name in dir(handler_class)
+            if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper())
+    return verbs
 _FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
     ("mail", "fail"): (553, "5.1.7 Sender address rejected"),
     ("mail", "defer"): (451, "4.1.7 Sender address temporarily rejected"),
@@ -2074,11 +2150,12 @@ class MetricsServer(_ThreadPerRequest, HTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-def _serve(servers, wake_fd, stopping, watch_fd=None):
+def _serve(servers, wake_fd, stopping, watch_fd=None, reap=None, interval=None):
     """Accept connections on every listener until woken or stopping.
 
     One thread for all listeners; the wake pipe makes stop() prompt, with
-    no poll interval.  watch_fd, when given, ends serving at EOF (a worker
+    no poll interval.  Every `interval` seconds it calls reap() to cut off
+    overdue sessions.  watch_fd, when given, ends serving at EOF (a worker
     watching its supervisor).
     """
     with selectors.DefaultSelector() as selector:
@@ -2088,8 +2165,13 @@ def _serve(servers, wake_fd, stopping, watch_fd=None):
         selector.register(wake_fd, selectors.EVENT_READ, None)
         if watch_fd is not None:
             selector.register(watch_fd, selectors.EVENT_READ, None)
+        next_reap = time.monotonic() + (interval or 0)
         while not stopping.is_set():
-            for key, _ in selector.select():
+            events = selector.select(interval)
+            if reap is not None and time.monotonic() >= next_reap:
+                reap()
+                next_reap = time.monotonic() + interval
+            for key, _ in events:
                 server = key.data
                 if server is None:
                     return
@@ -2106,6 +2188,15 @@ def _serve(servers, wake_fd, stopping, watch_fd=None):
                 except Exception:
                     server.handle_error(request, client_address)
                     server.shutdown_request(request)
+
+
+def _shutdown(sock, how):
+    """shutdown() on the OS socket, also under an SSLSocket (whose own
+    shutdown() would end TLS and make the last 421 impossible)."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
 
 
 # ###########################################################################
@@ -2152,7 +2243,7 @@ class Server:
 
     def bind(self):
         """Bind every listener (and metrics_listen); ConfigError if one fails."""
-        if self.servers:
+        if self.servers or self.metrics:
             return self
         config = self.config
         try:
@@ -2193,7 +2284,10 @@ class Server:
     def serve(self, watch_fd=None):
         """Accept connections in this thread until stop()."""
         servers = self.servers + ([self.metrics] if self.metrics else [])
-        _serve(servers, self._wake[0], self.shared.stopping, watch_fd)
+        timeout = self.config.timeout
+        _serve(servers, self._wake[0], self.shared.stopping, watch_fd,
+               self.shared.reap if timeout else None,
+               min(1.0, timeout / 10) if timeout else None)
 
     def stop(self, grace=1.5):
         """Close listeners, send 421 to live sessions, join every thread."""
@@ -2221,19 +2315,13 @@ class Server:
         shared = self.shared
         with shared.lock:
             sessions = list(shared.sessions.items())
-        for _, sock in sessions:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RD)
-            except OSError:
-                pass
+        for _, session in sessions:
+            _shutdown(getattr(session, "sock", session), socket.SHUT_RD)
         deadline = time.monotonic() + grace
-        for thread, sock in sessions:
+        for thread, session in sessions:
             thread.join(max(deadline - time.monotonic(), 0))
             if thread.is_alive():       # stuck writing to a client not reading
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                _shutdown(getattr(session, "sock", session), socket.SHUT_RDWR)
                 thread.join()
 
     # ----- what tests ask --------------------------------------------------
@@ -2443,9 +2531,9 @@ class _Signals:
         self.wake.clear()
 
 
-def _run(server):
+def _run(server, signals=None):
     """Serve in this process until SIGTERM or SIGINT."""
-    signals = _Signals()
+    signals = signals or _Signals()
     server.start()
     try:
         while not signals.stop:
@@ -2457,15 +2545,14 @@ def _run(server):
         server.stop()
 
 
-def _supervise(server, pidfile):
+def _supervise(server, pidfile, signals=None):
     """workers = N: fork N workers on the bound sockets and keep them alive."""
-    import mmap
     count = server.config.workers
     memory = mmap.mmap(-1, Stats.size * count)
     slots = [Stats(memoryview(memory)[i * Stats.size:(i + 1) * Stats.size])
              for i in range(count)]
     server.counters = lambda: Stats.summed(slots)
-    signals = _Signals()
+    signals = signals or _Signals()
     watch_read, watch_write = os.pipe()
     workers, starts, backoff = {}, {}, [0.0] * count
     due = {i: 0.0 for i in range(count)}
@@ -2623,14 +2710,15 @@ def main(argv=None):
         sys.stderr.write("blackhole: %s\n" % exc)
         return EX_USAGE
     try:
+        signals = _Signals()    # before `listening on`: a SIGTERM after it stops cleanly
         _listening(server)
         if pipe is not None:
             os.write(pipe, b"ok")
             os.close(pipe)
         if config.workers > 1 and hasattr(os, "fork"):
-            _supervise(server, pidfile)
+            _supervise(server, pidfile, signals)
         else:
-            _run(server)
+            _run(server, signals)
         log.info("stopped")
     finally:
         _remove_pidfile(pidfile)
