@@ -747,6 +747,7 @@ class SenderChecks:
     def issues(self, envelope, command_bare_lf):
         """The sorted issue names for the message just read."""
         found = self.found
+        self.header.finish()        # no empty line: the whole message was header
         if self.line_len > self.long_line + (1 if self.pending_cr else 0):
             found.add("long_line")
         if command_bare_lf:
@@ -1219,6 +1220,13 @@ _RCPT_PARAMS = frozenset(("NOTIFY", "ORCPT"))
 _DELAY_RE = re.compile(r"^(\d+)\s*(?:,\s*(\d+))?$")
 
 
+def _printable(text):
+    """Client text fit to echo in a reply: control characters (a bare CR
+    would break the reply line, RFC 5321 4.2) and octets that were not
+    UTF-8 become "?"."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class SMTPHandler(socketserver.StreamRequestHandler):
     """One SMTP session over one connection (section 4).
 
@@ -1521,7 +1529,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         address, params = path[0], parse_params(path[1])
         self._check_params(params, _MAIL_PARAMS)
         size = params.get("SIZE")
-        if isinstance(size, str) and size.isdigit() and \
+        if isinstance(size, str) and size.isascii() and size.isdigit() and \
                 int(size) > self.config.max_message_size:
             raise SMTPError(552, "5.3.4 Message size exceeds fixed maximum message size")
         rate = self.shared.rate
@@ -1574,7 +1582,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if self.config.strict:
             for name in params:
                 if name not in known:
-                    raise SMTPError(555, "5.5.4 Unsupported parameter: %s" % name)
+                    raise SMTPError(555, "5.5.4 Unsupported parameter: %s" % _printable(name))
 
     def _check_recipients(self):
         """DATA and BDAT need a recipient (4.4, 4.7)."""
@@ -1600,7 +1608,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_BDAT(self, arg):
         words = arg.split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() or \
+        if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) or \
                 (len(words) == 2 and words[1].upper() != "LAST"):
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["BDAT"])
         size, last = int(words[0]), len(words) == 2
@@ -1642,7 +1650,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_VRFY(self, arg):
         if not arg:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["VRFY"])
-        address = "<%s>" % arg.strip("<>")
+        address = "<%s>" % _printable(arg.strip("<>"))
         if "pass=" in arg:
             self.reply(250, "2.0.0 %s OK" % address)
         elif "fail=" in arg:
@@ -1998,6 +2006,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             break
         self.deadline = None
         if result[0] is not None:
+            if self._debug:
+                log.debug("%s port %d: PROXY header for %s port %d",
+                          self.peer, self.peer_port, *result[0])
             self.peer, self.peer_port = result[0]
 
     def _recv_exactly(self, count):

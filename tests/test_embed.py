@@ -1,0 +1,330 @@
+"""Embedding blackhole in a test suite (SPEC section 9)."""
+
+import os
+import smtplib
+import socket
+import sys
+import threading
+import time
+import tracemalloc
+import unittest
+from contextlib import closing
+
+import blackhole
+from tests.support import (CERT, HOST, KEY, TIMEOUT, RawClient, ServerTestCase, run_cli,
+                           wait_until, write_config)
+
+MESSAGE = b"From: a@example.com\r\nSubject: %d\r\n\r\nhello\r\n"
+SHUTTING_DOWN = b"421 4.3.2 bh.test Service shutting down\r\n"
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class LifecycleTest(unittest.TestCase):
+    """start(), stop(), the context manager and what they leave behind."""
+
+    def test_context_manager_on_an_ephemeral_port(self):
+        with blackhole.Server(hostname=HOST, mode="bounce") as server:
+            self.assertIsInstance(server, blackhole.Server)
+            host, port = server.address
+            self.assertEqual(host, "127.0.0.1")
+            self.assertGreater(port, 0)
+            with smtplib.SMTP(host, port, local_hostname="localhost",
+                              timeout=TIMEOUT) as client:
+                with self.assertRaises(smtplib.SMTPDataError):
+                    client.sendmail("a@example.com", ["b@example.com"], MESSAGE % 1)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection((host, port), timeout=TIMEOUT).close()
+
+    def test_start_and_stop_are_idempotent(self):
+        baseline = set(threading.enumerate())
+        server = blackhole.Server(hostname=HOST)
+        self.addCleanup(server.stop)
+        server.stop()                                   # before start: nothing to do
+        self.assertIs(server.start(), server)
+        address = server.address
+        self.assertIs(server.start(), server)
+        self.assertEqual(server.address, address)
+        self.assertGreater(set(threading.enumerate()) - baseline, set())
+        server.stop()
+        server.stop()
+        self.assertEqual(set(threading.enumerate()) - baseline, set())
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=TIMEOUT).close()
+        server.start()                                  # a stopped server starts again
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+        server.stop()
+
+    def test_stop_is_prompt_with_idle_clients(self):
+        server = blackhole.Server(hostname=HOST)
+        server.start()
+        self.addCleanup(server.stop)
+        clients = []
+        for _ in range(3):
+            client = RawClient(server.address)
+            self.addCleanup(client.close)
+            self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+            clients.append(client)
+        self.assertEqual(clients[0].cmd(b"EHLO x")[:12], b"250-bh.test\r")
+        clients[1].send(b"DATA\r\nSubject: mid-data\r\n\r\nhello")
+        self.assertEqual(clients[1].reply(), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        wait_until(lambda: server.stats["connections_active"] == 3)
+        started = time.monotonic()
+        server.stop()
+        elapsed = time.monotonic() - started
+        self.assertLess(elapsed, 0.1)
+        for client in clients:
+            self.assertEqual(client.line(), SHUTTING_DOWN)
+            self.assertTrue(client.closed())
+
+    def test_cycles_leave_nothing_behind(self):
+        linux = os.path.isdir("/proc/self/fd")
+        with blackhole.Server(hostname=HOST):  # warm up lazy imports and caches
+            pass
+        threads, fds = set(threading.enumerate()), open_fds() if linux else 0
+        count = threading.active_count()
+        for cycle in range(200):
+            with blackhole.Server(hostname=HOST) as server:
+                if cycle % 20 == 0:         # sometimes with a session to end
+                    with closing(RawClient(server.address)) as client:
+                        self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+                        server.stop()
+                        self.assertEqual(client.line(), SHUTTING_DOWN)
+        self.assertEqual(set(threading.enumerate()) - threads, set())
+        self.assertLessEqual(threading.active_count(), count)
+        if linux:
+            self.assertEqual(open_fds(), fds)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "counts /proc/self/fd")
+    def test_no_descriptor_left_after_sessions(self):
+        fds = open_fds()
+        with blackhole.Server(hostname=HOST, capture=1) as server:
+            with smtplib.SMTP(*server.address, local_hostname="localhost",
+                              timeout=TIMEOUT) as client:
+                client.sendmail("a@example.com", ["b@example.com"], MESSAGE % 1)
+            server.wait_for(1)
+        self.assertEqual(open_fds(), fds)
+
+
+class AddressesTest(unittest.TestCase):
+
+    def test_addresses_in_config_order(self):
+        server = blackhole.Server(hostname=HOST, listen="127.0.0.1:0, 127.0.0.1:0 mode=bounce",
+                                  tls_listen="127.0.0.1:0", tls_cert=CERT, tls_key=KEY)
+        self.assertIsNone(server.address)       # nothing bound before start()
+        with server:
+            addresses = server.addresses
+            self.assertEqual(len(addresses), 2)
+            self.assertEqual(addresses[0], server.address)
+            host, port = server.tls_address
+            self.assertEqual(host, "127.0.0.1")
+            self.assertEqual(len({port} | {p for _, p in addresses}), 3)
+            for address in addresses:
+                with closing(RawClient(address)) as client:
+                    self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+
+    def test_no_tls_address_without_tls_listen(self):
+        with blackhole.Server(hostname=HOST) as server:
+            self.assertIsNone(server.tls_address)
+            self.assertEqual(server.addresses, [server.address])
+
+
+class StatsAndCaptureTest(ServerTestCase):
+
+    options = {"capture": 3}
+
+    def send(self, count, start=0, **kwargs):
+        with self.smtp(**kwargs) as client:
+            for i in range(start, start + count):
+                client.sendmail("a@example.com", ["b@example.com"], MESSAGE % i)
+
+    def test_stats(self):
+        stats = self.server.stats
+        self.assertEqual(stats["connections_total"], 0)
+        self.assertEqual(stats["messages_accepted"], 0)
+        raw = self.raw()
+        raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                 b"Subject: 1\r\n\r\n.\r\n"
+                 b"DATA\r\nX-Blackhole-Mode: bounce\r\n\r\n.\r\n")
+        replies = [raw.reply() for _ in range(6)]
+        self.assertTrue(replies[3].startswith(b"250 2.0.0 OK: queued as <"), replies)
+        self.assertTrue(replies[5].startswith((b"4", b"5")), replies)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> SIZE=999999999")[:4], b"552 ")
+        raw.send(b"DATA\r\n" + b"x" * 512001 + b"\r\n.\r\n")
+        self.assertEqual(raw.reply()[:4], b"354 ")
+        self.assertEqual(raw.reply(), b"552 5.3.4 Message size exceeds fixed maximum "
+                         b"message size\r\n")
+        stats = self.server.stats           # counted before the reply was written
+        self.assertEqual(stats["connections_total"], 1)
+        self.assertEqual(stats["connections_active"], 1)
+        self.assertEqual(stats["messages_accepted"], 1)
+        self.assertEqual(stats["messages_bounced"], 1)
+        self.assertEqual(stats["messages_too_big"], 1)      # SIZE= refusal is no message
+        self.assertEqual(stats["bytes_received"], 14 + 28 + 512003)
+        self.assertEqual(stats["timeouts"], 0)
+        raw.close()
+        wait_until(lambda: self.server.stats["connections_active"] == 0)
+
+    def test_capture_keeps_the_last_n(self):
+        self.send(5)
+        self.assertEqual(len(self.server.messages), 3)
+        self.assertEqual([env.data for env in self.server.messages],
+                         [MESSAGE % i for i in (2, 3, 4)])
+        self.server.messages.clear()
+        self.assertEqual(len(self.server.messages), 0)
+        self.send(1, start=7)
+        envs = self.server.wait_for(1, timeout=TIMEOUT)
+        self.assertEqual([env.data for env in envs], [MESSAGE % 7])
+
+    def test_wait_for(self):
+        with self.assertRaises(TimeoutError):
+            self.server.wait_for(1, timeout=0.05)
+        thread = threading.Thread(target=self.send, args=(2,), kwargs={"server": self.server})
+        started = time.monotonic()
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        envs = self.server.wait_for(2, timeout=TIMEOUT)
+        self.assertLess(time.monotonic() - started, TIMEOUT / 2)
+        self.assertEqual(len(envs), 2)
+        self.assertIsInstance(envs, list)
+        with self.assertRaises(TimeoutError):
+            self.server.wait_for(4, timeout=0.05)       # more than capture can hold
+
+    def test_on_message(self):
+        received, done = [], threading.Event()
+
+        def on_message(envelope):
+            received.append(envelope)
+            done.set()
+        server = self.start_server(on_message=on_message, mode="bounce")
+        with self.smtp(server) as client:
+            with self.assertRaises(smtplib.SMTPDataError) as caught:
+                client.sendmail("a@example.com", ["b@example.com", "fail=c@example.com"],
+                                b"Subject: x\r\n\r\n.dot\r\nbody")
+        self.assertTrue(done.wait(TIMEOUT))
+        env, = received
+        self.assertEqual(env.peer, "127.0.0.1")
+        self.assertEqual(env.helo, "localhost")
+        self.assertEqual(env.mail_from, "a@example.com")
+        self.assertEqual(env.rcpt_tos, ["b@example.com"])
+        self.assertEqual(env.data, b"Subject: x\r\n\r\n.dot\r\nbody\r\n")
+        self.assertEqual(env.reply, "%d %s" % (caught.exception.smtp_code,
+                                               caught.exception.smtp_error.decode()))
+        self.assertRegex(env.reply, r"\A(45[0128]|5[25][0-3]|571) [45]\.\d\.\d [A-Z]")
+        self.assertEqual(env.issues, ("missing_date", "missing_from", "missing_message_id"))
+
+    def test_an_on_message_error_does_not_break_the_session(self):
+        def on_message(envelope):
+            raise RuntimeError("a bug in the test's callback")
+        server = self.start_server(on_message=on_message)
+        with self.assertLogs("blackhole", "ERROR"):
+            with self.smtp(server) as client:
+                client.sendmail("a@example.com", ["b@example.com"], MESSAGE % 1)
+                self.assertEqual(client.noop()[0], 250)
+
+    def test_nothing_kept_without_capture(self):
+        server = self.start_server()
+        with self.smtp(server) as client:
+            client.sendmail("a@example.com", ["b@example.com"], MESSAGE % 1)
+        self.assertEqual(server.stats["messages_accepted"], 1)
+        self.assertFalse(getattr(server, "messages", None))
+
+
+class ConfigTest(unittest.TestCase):
+
+    def test_config_object(self):
+        config = blackhole.Config(mode="BOUNCE", timeout="5", delay="1-2", hostname=HOST,
+                                  listen="127.0.0.1:0")
+        self.assertEqual((config.mode, config.timeout, config.delay), ("bounce", 5, (1, 2)))
+        with self.assertRaises(AttributeError):
+            config.mode = "accept"
+        with blackhole.Server(config) as server:
+            self.assertEqual(server.config, config)
+            with closing(RawClient(server.address)) as client:
+                self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+
+    def test_python_values(self):
+        config = blackhole.Config(timeout=5, strict=True, dynamic_switch=False,
+                                  max_message_size=1000, delay=(0, 1), hostname=HOST)
+        self.assertEqual((config.timeout, config.strict, config.dynamic_switch,
+                          config.max_message_size, config.delay),
+                         (5, True, False, 1000, (0, 1)))
+
+    def test_errors(self):
+        cases = {
+            "mode": ("bouce", "mode = bouce: must be accept, bounce or random"),
+            "colour": ("red", "colour"),
+        }
+        for name, (value, message) in cases.items():
+            with self.subTest(name=name):
+                with self.assertRaises(blackhole.ConfigError) as caught:
+                    blackhole.Config(**{name: value})
+                self.assertIn(message, str(caught.exception))
+                with self.assertRaises(blackhole.ConfigError):
+                    blackhole.Server(hostname=HOST, **{name: value})
+
+    def test_error_is_what_the_cli_prints(self):
+        for text in ("colour = red\n", "[blackhole]\nlisten = 127.0.0.1:99999\n"):
+            with self.subTest(text=text):
+                path = write_config(self, text)
+                with self.assertRaises(blackhole.ConfigError) as caught:
+                    blackhole.Config.from_file(path)
+                message = str(caught.exception)
+                self.assertTrue(message.startswith(path + ": "), message)
+                self.assertNotIn("\n", message)
+                result = run_cli("-c", path)
+                self.assertEqual(result.returncode, 64)
+                self.assertEqual(result.stderr.decode(), "blackhole: %s\n" % message)
+                self.assertEqual(result.stdout, b"")
+        self.assertEqual(str(caught.exception), path + ": listen = 127.0.0.1:99999: "
+                         "port must be a number from 0 to 65535")
+
+
+class MemoryTest(ServerTestCase):
+    """Section 4.2: message content is streamed and counted, never held."""
+
+    line = b"x" * 78 + b"\r\n"
+    chunk = line * 819                              # 65,520 octets of whole lines
+    header = b"Subject: big\r\n\r\n"
+
+    def send_big(self, server, chunks):
+        """Send header + chunks * chunk; (reply, peak traced memory)."""
+        raw = self.raw(server)
+        raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
+                         b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n"
+                         b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        raw.send(self.header)
+        for _ in range(chunks):
+            raw.send(self.chunk)
+        raw.send(b".\r\n")
+        reply = raw.reply()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        self.assertEqual(raw.cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+        return reply, peak
+
+    def test_50_mb_message_holds_no_memory(self):
+        chunks = 800                                # 52,416,000 octets: 50 MB
+        reply, peak = self.send_big(self.server, chunks)
+        self.assertEqual(reply, b"552 5.3.4 Message size exceeds fixed maximum "
+                         b"message size\r\n")
+        self.assertLess(peak, 3 * 1024 * 1024)
+        stats = self.server.stats
+        self.assertEqual(stats["bytes_received"], len(self.header) + chunks * len(self.chunk))
+        self.assertEqual(stats["messages_too_big"], 1)
+
+    def test_accepted_data_is_not_kept_without_capture(self):
+        server = self.start_server(max_message_size=20000000)
+        reply, peak = self.send_big(server, 128)    # 8 MB, accepted
+        self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as <"), reply)
+        self.assertLess(peak, 3 * 1024 * 1024)
+
+
+if __name__ == "__main__":
+    unittest.main()

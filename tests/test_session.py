@@ -1,0 +1,753 @@
+"""The SMTP session (SPEC section 4): every reply as exact bytes.
+
+smtplib drives the happy paths; raw sockets drive pipelining, BDAT,
+smuggling and malformed input.
+"""
+
+import base64
+import re
+import smtplib
+import socket
+import threading
+import time
+import unittest
+
+from tests.support import CERT, KEY, TIMEOUT, RawClient, ServerTestCase, wait_until
+
+OK = b"250 2.0.0 OK\r\n"
+MAIL_OK = b"250 2.1.0 OK\r\n"
+RCPT_OK = b"250 2.1.5 OK\r\n"
+GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+ACCEPTED = re.compile(rb"\A250 2\.0\.0 OK: queued as (<[^<>@\s]+@bh\.test>)\r\n\Z")
+TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+UNKNOWN = b"502 5.5.2 Command not recognised\r\n"
+NO_VALID = b"554 5.5.1 No valid recipients\r\n"
+BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
+EHLO_REPLY = (
+    b"250-bh.test\r\n250-PIPELINING\r\n250-SIZE %d\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n250-CHUNKING\r\n250-HELP\r\n250-VRFY\r\n"
+    b"250-EXPN\r\n250-ETRN\r\n250%sAUTH CRAM-MD5 LOGIN PLAIN\r\n")
+VERBS = b"AUTH BDAT DATA EHLO ETRN EXPN HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"
+BOUNCE_REPLIES = {
+    b"450 4.2.1 Requested mail action not taken: mailbox unavailable\r\n",
+    b"451 4.3.0 Requested action aborted: local error in processing\r\n",
+    b"452 4.3.1 Requested action not taken: insufficient system storage\r\n",
+    b"458 4.3.0 Unable to queue message\r\n",
+    b"521 5.3.2 Machine does not accept mail\r\n",
+    b"550 5.1.1 Requested action not taken: mailbox unavailable\r\n",
+    b"551 5.1.6 User not local\r\n",
+    b"552 5.2.2 Requested mail action aborted: exceeded storage allocation\r\n",
+    b"553 5.1.3 Requested action not taken: mailbox name not allowed\r\n",
+    b"571 5.7.1 Blocked\r\n",
+}
+MESSAGE = b"From: a@example.com\r\nSubject: test\r\n\r\nhello\r\n"
+
+
+def ehlo_reply(size=512000, starttls=False):
+    if starttls:
+        return (EHLO_REPLY % (size, b"-")) + b"250 STARTTLS\r\n"
+    return EHLO_REPLY % (size, b" ")
+
+
+def transaction(raw, content=MESSAGE, sender=b"<a@example.com>",
+                rcpts=(b"<b@example.com>",)):
+    """MAIL, RCPT, DATA, content, dot; returns the reply to the data."""
+    if sender is not None:
+        assert raw.cmd(b"MAIL FROM:" + sender) == MAIL_OK
+    for rcpt in rcpts:
+        assert raw.cmd(b"RCPT TO:" + rcpt) == RCPT_OK
+    assert raw.cmd(b"DATA") == GO_AHEAD
+    raw.send(content + b".\r\n")
+    return raw.reply()
+
+
+def stuff(content):
+    """Dot-stuff CRLF content as a client must (RFC 5321 4.5.2)."""
+    return re.sub(rb"(?m)^\.", b"..", content)
+
+
+class RepliesTest(ServerTestCase):
+    """Section 4.1 in the default (permissive, accept) configuration."""
+
+    options = {"capture": 20}
+
+    def test_greeting_and_helo(self):
+        raw = self.raw()        # checks 220 bh.test ESMTP
+        self.assertEqual(raw.cmd(b"HELO client.example"), b"250 bh.test\r\n")
+        self.assertEqual(raw.cmd(b"helo client.example"), b"250 bh.test\r\n")
+
+    def test_ehlo_lists_every_extension_without_starttls(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"EHLO client.example"), ehlo_reply())
+        self.assertEqual(raw.cmd(b"ehlo client.example"), ehlo_reply())
+        server = self.start_server(max_message_size=1000)
+        self.assertEqual(self.raw(server).cmd(b"EHLO x"), ehlo_reply(1000))
+
+    def test_ehlo_and_help_offer_starttls_with_a_certificate(self):
+        server = self.start_server(tls_cert=CERT, tls_key=KEY)
+        raw = self.raw(server)
+        self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply(starttls=True))
+        self.assertEqual(raw.cmd(b"HELP"), b"250 Supported commands: AUTH BDAT DATA EHLO "
+                         b"ETRN EXPN HELO HELP MAIL NOOP QUIT RCPT RSET STARTTLS VRFY\r\n")
+
+    def test_smtplib_happy_path(self):
+        with self.smtp() as client:
+            code, lines = client.ehlo()
+            self.assertEqual(code, 250)
+            self.assertTrue(client.has_extn("pipelining"))
+            self.assertEqual(client.esmtp_features["size"], "512000")
+            refused = client.sendmail("a@example.com", ["b@example.com", "c@example.com"],
+                                      MESSAGE)
+            self.assertEqual(refused, {})
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.mail_from, "a@example.com")
+        self.assertEqual(env.rcpt_tos, ["b@example.com", "c@example.com"])
+        self.assertEqual(env.data, MESSAGE)
+        self.assertEqual(env.helo, "localhost")
+
+    def test_mail_forms(self):
+        raw = self.raw()
+        for command in (b"MAIL FROM:<>", b"MAIL FROM:<a@example.com>",
+                        b"mail from:<a@example.com>", b"MAIL FROM: <a@example.com>",
+                        b"MAIL FROM:a@example.com", b"MAIL FROM: a@example.com SIZE=10",
+                        b"MAIL FROM:<a@example.com> SIZE=512000",
+                        b"MAIL FROM:<a@example.com> BODY=7BIT",
+                        b"MAIL FROM:<a@example.com> BODY=8BITMIME SMTPUTF8",
+                        b"MAIL FROM:<a@example.com> BODY=BINARYMIME",
+                        b"MAIL FROM:<a@example.com> RET=HDRS ENVID=QQ314159 AUTH=<>",
+                        b"MAIL FROM:<a\xc3\xa9@example.com> SMTPUTF8",
+                        b"MAIL FROM:<\xff\xfe@example.com>"):
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command), MAIL_OK)
+
+    def test_mail_size_above_maximum(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> SIZE=512001"), TOO_BIG)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> size=99999999999"), TOO_BIG)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> SIZE=512000"), MAIL_OK)
+
+    def test_mail_without_argument(self):
+        raw = self.raw()
+        for command in (b"MAIL", b"MAIL FROM:", b"MAIL TO:<a@example.com>"):
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command),
+                                 b"501 5.5.4 Syntax: MAIL FROM: <address>\r\n")
+
+    def test_rcpt_forms(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        for command in (b"RCPT TO:<b@example.com>", b"rcpt to:<b@example.com>",
+                        b"RCPT TO: <b@example.com>", b"RCPT TO:b@example.com",
+                        b"RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE "
+                        b"ORCPT=rfc822;b@example.com", b"RCPT TO:<b@example.com> NOTIFY=NEVER"):
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command), RCPT_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:"), b"501 5.5.4 Syntax: RCPT TO: <address>\r\n")
+
+    def test_data_reply_and_unique_ids(self):
+        ids = []
+        for _ in range(2):
+            raw = self.raw()
+            self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+            for _ in range(3):
+                match = ACCEPTED.match(transaction(raw))
+                self.assertIsNotNone(match)
+                ids.append(match.group(1))
+            self.assertEqual(raw.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+            self.assertTrue(raw.closed())
+        self.assertEqual(len(set(ids)), 6, ids)
+        envs = self.server.wait_for(6)
+        self.assertEqual(envs[0].reply, "250 2.0.0 OK: queued as " + ids[0].decode())
+
+    def test_data_without_mail_or_rcpt_is_permitted(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
+        raw.send(MESSAGE + b".\r\n")
+        self.assertRegex(raw.reply(), ACCEPTED)
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.data, MESSAGE)
+
+    def test_rset_helo_and_ehlo_clear_the_transaction(self):
+        raw = self.raw()
+        for clear, reply in ((b"RSET", OK), (b"HELO x", b"250 bh.test\r\n"),
+                             (b"EHLO x", ehlo_reply())):
+            self.assertEqual(raw.cmd(b"MAIL FROM:<old@example.com>"), MAIL_OK)
+            self.assertEqual(raw.cmd(b"RCPT TO:<old@example.com>"), RCPT_OK)
+            self.assertEqual(raw.cmd(clear), reply)
+            self.assertRegex(transaction(raw, sender=b"<new@example.com>",
+                                         rcpts=(b"<new@example.com>",)), ACCEPTED)
+        for env in self.server.wait_for(3):
+            self.assertEqual((env.mail_from, env.rcpt_tos),
+                             ("new@example.com", ["new@example.com"]))
+
+    def test_rset_noop_quit_etrn(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"RSET"), OK)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+        self.assertEqual(raw.cmd(b"noop"), OK)
+        self.assertEqual(raw.cmd(b"ETRN"), b"250 2.0.0 Queueing started\r\n")
+        self.assertEqual(raw.cmd(b"ETRN example.com"), b"250 2.0.0 Queueing started\r\n")
+        self.assertEqual(raw.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+        self.assertTrue(raw.closed())
+        self.assertEqual(raw.buf, b"")
+
+    def test_help(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"HELP"), b"250 Supported commands: " + VERBS + b"\r\n")
+        self.assertEqual(raw.cmd(b"HELP MAIL"), b"250 Syntax: MAIL FROM: <address>\r\n")
+        self.assertEqual(raw.cmd(b"help rcpt"), b"250 Syntax: RCPT TO: <address>\r\n")
+        self.assertEqual(raw.cmd(b"HELP NOOP"), b"250 Syntax: NOOP\r\n")
+        for verb in VERBS.split():
+            with self.subTest(verb=verb):
+                self.assertTrue(raw.cmd(b"HELP " + verb).startswith(b"250 Syntax: " + verb))
+        self.assertEqual(raw.cmd(b"HELP FOO"), b"501 Supported commands: " + VERBS + b"\r\n")
+        self.assertEqual(raw.cmd(b"HELP STARTTLS"),
+                         b"501 Supported commands: " + VERBS + b"\r\n")
+
+    def test_vrfy(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"VRFY pass=bob@example.com"),
+                         b"250 2.0.0 <pass=bob@example.com> OK\r\n")
+        self.assertEqual(raw.cmd(b"VRFY <pass=bob@example.com>"),
+                         b"250 2.0.0 <pass=bob@example.com> OK\r\n")
+        self.assertEqual(raw.cmd(b"VRFY fail=bob@example.com"),
+                         b"550 5.7.1 <fail=bob@example.com> unknown\r\n")
+        self.assertEqual(raw.cmd(b"VRFY <fail=bob@example.com>"),
+                         b"550 5.7.1 <fail=bob@example.com> unknown\r\n")
+        self.assertEqual(raw.cmd(b"VRFY bob@example.com"),
+                         b"252 2.0.0 Will attempt delivery\r\n")
+        self.assertEqual(raw.cmd(b"VRFY"), b"501 5.5.4 Syntax: VRFY <address>\r\n")
+        self.assertEqual(raw.cmd(b"VRFY "), b"501 5.5.4 Syntax: VRFY <address>\r\n")
+
+    def expn(self, raw, name):
+        reply = raw.cmd(b"EXPN " + name)
+        lines = reply.split(b"\r\n")[:-1]
+        for i, line in enumerate(lines):
+            sep = b" " if i == len(lines) - 1 else b"-"
+            self.assertRegex(line, re.compile(
+                rb"\A250" + re.escape(sep) + rb"\S[^<>]* <[^<>@\s]+@bh\.test>\Z"))
+        return [line[4:] for line in lines]
+
+    def test_expn(self):
+        raw = self.raw()
+        lists = {name: self.expn(raw, name) for name in (b"list1", b"list2", b"list3")}
+        self.assertEqual([len(m) for m in lists.values()], [3, 4, 6])
+        union = set().union(*lists.values())
+        everyone = self.expn(raw, b"all")
+        self.assertEqual(len(everyone), len(union))
+        self.assertEqual(set(everyone), union)
+        for command in (b"EXPN", b"EXPN nope", b"EXPN fail=list1", b"EXPN list4"):
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command), b"550 5.7.1 Not authorised\r\n")
+
+    def test_unknown_commands_and_empty_lines(self):
+        raw = self.raw()
+        junk = [b"FOO", b"", b"X-HELO bar", b"\xff\xfe\x00\x80", b"RESET", b"SMTP_HELO",
+                b"UNKNOWN", b"    ", b"ehlo\tx"]
+        for line in junk:
+            with self.subTest(line=line):
+                self.assertEqual(raw.cmd(line), UNKNOWN)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)     # known verbs still work
+        self.assertEqual(raw.cmd(b"BAR"), b"502 5.5.3 Too many unknown commands\r\n")
+        self.assertTrue(raw.closed())
+        self.assertEqual(raw.buf, b"")
+
+    def test_malformed_input_never_crashes_a_session(self):
+        raw = self.raw()
+        bdat_syntax = b"501 5.5.4 Syntax: BDAT size [LAST]\r\n"
+        cases = [
+            (b"MAIL FROM:<a@example.com> SIZE=\xc2\xb2", MAIL_OK),    # "2" not ASCII
+            (b"MAIL FROM:<a@example.com> SIZE=\xd9\xa3", MAIL_OK),
+            (b"MAIL FROM:<a@example.com> SIZE=-1 BODY =", MAIL_OK),
+            (b"MAIL FROM:<\xed\xa0\x80@example.com>", MAIL_OK),
+            (b"RCPT TO:<<b@example.com>>", RCPT_OK),
+            (b"BDAT \xc2\xb2", bdat_syntax),
+            (b"BDAT \xd9\xa3 LAST", bdat_syntax),
+            (b"BDAT -1", bdat_syntax),
+            (b"BDAT 1 LAST x", bdat_syntax),
+            (b"BDAT 1 FIRST", bdat_syntax),
+            (b"HELP \xff\x00", b"501 Supported commands: " + VERBS + b"\r\n"),
+            (b"VRFY \xff", b"252 2.0.0 Will attempt delivery\r\n"),
+            (b"EXPN \xff", b"550 5.7.1 Not authorised\r\n"),
+            (b"HELO \xff", b"250 bh.test\r\n"),
+        ]
+        for command, reply in cases:
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command), reply)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+
+    def test_line_too_long_is_discarded_and_counts_as_unknown(self):
+        raw = self.raw()
+        raw.send(b"NOOP " + b"x" * 13000 + b"\r\n")
+        self.assertEqual(raw.reply(), b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(raw.cmd(b"NOOP"), OK)     # the excess was not taken as commands
+        raw.send(b"MAIL FROM:<a@example.com>" + b" " * 20000 + b"RCPT TO:<b>\r\n")
+        self.assertEqual(raw.reply(), b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(raw.cmd(b"NOOP " + b"x" * 600), OK)   # permissive: 512 is no limit
+        for _ in range(7):
+            self.assertEqual(raw.cmd(b"FOO"), UNKNOWN)
+        raw.send(b"x" * 13000 + b"\r\n")
+        self.assertEqual(raw.reply(), b"502 5.5.3 Too many unknown commands\r\n")
+        self.assertTrue(raw.closed())
+
+    def test_dot_unstuffing_and_size(self):
+        content = (b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\nmiddle . dot\r\n"
+                   b"...three\r\n.\r\nend\r\n")
+        raw = self.raw()
+        self.assertRegex(transaction(raw, stuff(content)), ACCEPTED)
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.data, content)
+        self.assertEqual(env.size, len(content))
+        self.assertEqual(self.server.stats["bytes_received"], len(content))
+
+    def test_smuggling_lf_dot_crlf_is_data(self):
+        smuggled = (b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\n"
+                    b"DATA\r\nSubject: smuggled\r\n\r\nevil\r\n")
+        for tail in (b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.x\r\n"):
+            with self.subTest(tail=tail):
+                self.server.messages.clear()
+                raw = self.raw()
+                self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+                content = b"Subject: x\r\n\r\nhello" + tail + smuggled
+                raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                         + content + b".\r\nNOOP\r\n")
+                self.assertEqual(raw.reply(), MAIL_OK)
+                self.assertEqual(raw.reply(), RCPT_OK)
+                self.assertEqual(raw.reply(), GO_AHEAD)
+                self.assertRegex(raw.reply(), ACCEPTED)
+                self.assertEqual(raw.reply(), OK)          # the NOOP, nothing in between
+                env, = self.server.wait_for(1)
+                self.assertEqual(env.mail_from, "a@example.com")
+                self.assertIn(smuggled, env.data)
+                self.assertTrue(env.data.endswith(b"evil\r\n"), env.data)
+                self.assertEqual(len(self.server.messages), 1)
+
+    def test_data_sent_one_octet_per_write(self):
+        raw = self.raw()
+        raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        content = b"Subject: x\r\n\r\n.\r\nhello\n.\r\nstill data\r\n.\n..\r\nend\r\n"
+        wire = (b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                + stuff(content) + b".\r\nBDAT 5 LAST\r\nab.\r\nNOOP\r\n")
+        for i in range(len(wire)):
+            raw.send(wire[i:i + 1])
+        self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
+                         MAIL_OK + RCPT_OK + GO_AHEAD)
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertEqual(raw.reply(), OK)
+        self.assertEqual([env.data for env in self.server.wait_for(2)],
+                         [content, b"ab.\r\n"])
+
+    def test_all_lf_client(self):
+        raw = self.raw()
+        raw.send(b"EHLO x\nMAIL FROM:<a@example.com>\nRCPT TO:<b@example.com>\nDATA\n")
+        self.assertEqual(raw.reply(), ehlo_reply())
+        self.assertEqual(raw.reply(), MAIL_OK)
+        self.assertEqual(raw.reply(), RCPT_OK)
+        self.assertEqual(raw.reply(), GO_AHEAD)
+        raw.send(b"Subject: lf\n\n..dot\nbody\n.\nNOOP\n")
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertEqual(raw.reply(), OK)
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.data, b"Subject: lf\n\n.dot\nbody\n")
+        # An empty message right after DATA, bare LF.
+        raw.send(b"DATA\n.\n")
+        self.assertEqual(raw.reply(), GO_AHEAD)
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertEqual(self.server.wait_for(2)[1].data, b"")
+
+    def test_pipelining_in_one_write(self):
+        raw = self.raw()
+        raw.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+                 b"RCPT TO:<c@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+                 b"MAIL FROM:<d@example.com>\r\nRCPT TO:<e@example.com>\r\nDATA\r\n"
+                 + MESSAGE + b".\r\nQUIT\r\n")
+        chunks = []
+        while True:
+            data = raw.sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        self.assertLessEqual(len(chunks), 2, chunks)
+        self.assertRegex(b"".join(chunks), re.compile(
+            re.escape(ehlo_reply() + MAIL_OK + RCPT_OK + RCPT_OK + GO_AHEAD)
+            + rb"250 2\.0\.0 OK: queued as <[^<>@\s]+@bh\.test>\r\n"
+            + re.escape(MAIL_OK + RCPT_OK + GO_AHEAD)
+            + rb"250 2\.0\.0 OK: queued as <[^<>@\s]+@bh\.test>\r\n"
+            + re.escape(b"221 2.0.0 Goodbye\r\n") + rb"\Z"))
+        first, second = self.server.wait_for(2)
+        self.assertEqual(first.rcpt_tos, ["b@example.com", "c@example.com"])
+        self.assertEqual(second.mail_from, "d@example.com")
+
+    def test_bdat(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)
+        raw.send(b"BDAT 16\r\nSubject: x\r\n\r\nhe")
+        self.assertEqual(raw.reply(), b"250 2.0.0 16 octets received\r\n")
+        raw.send(b"BDAT 0\r\n")
+        self.assertEqual(raw.reply(), b"250 2.0.0 0 octets received\r\n")
+        raw.send(b"bdat 14 last\r\nllo\r\n.\r\nQUIT\r\n")      # dots and verbs are data
+        self.assertRegex(raw.reply(), ACCEPTED)
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.data, b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+        self.assertEqual(env.size, 30)
+        # Pipelined: chunks and commands in one write; BDAT 0 LAST ends a message.
+        raw.send(b"MAIL FROM:<c@example.com>\r\nRCPT TO:<d@example.com>\r\n"
+                 b"BDAT 5\r\nabcdeBDAT 3 LAST\r\nfghBDAT 0 LAST\r\nNOOP\r\n")
+        self.assertEqual(raw.reply(), MAIL_OK)
+        self.assertEqual(raw.reply(), RCPT_OK)
+        self.assertEqual(raw.reply(), b"250 2.0.0 5 octets received\r\n")
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertEqual(raw.reply(), OK)
+        self.assertEqual([env.data for env in self.server.wait_for(3)[1:]],
+                         [b"abcdefgh", b""])
+        self.assertEqual(raw.cmd(b"BDAT"), b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")
+        self.assertEqual(raw.cmd(b"BDAT x"), b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")
+
+    def test_bdat_after_every_recipient_refused(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:<fail=b@example.com>"),
+                         b"550 5.1.1 Recipient address rejected\r\n")
+        raw.send(b"BDAT 12\r\nQUIT\r\nQUIT\r\n")      # read and discarded, never run
+        self.assertEqual(raw.reply(), NO_VALID)
+        raw.send(b"BDAT 6 LAST\r\nQUIT\r\n")
+        self.assertEqual(raw.reply(), NO_VALID)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+        self.assertEqual(len(self.server.messages), 0)
+
+    def test_size_is_the_unstuffed_content(self):
+        content = b"Subject: x\r\n\r\n" + b".dot\r\n" * 10
+        server = self.start_server(max_message_size=len(content), capture=5)
+        raw = self.raw(server)
+        self.assertRegex(transaction(raw, stuff(content)), ACCEPTED)
+        self.assertEqual(transaction(raw, stuff(content + b"x\r\n")), TOO_BIG)
+        self.assertEqual(server.stats["bytes_received"], 2 * len(content) + 3)
+        self.assertEqual(server.stats["messages_too_big"], 1)
+        # BDAT counts the same way.
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        raw.send(b"BDAT %d LAST\r\n" % (len(content) + 1) + content + b"x")
+        self.assertEqual(raw.reply(), TOO_BIG)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+        self.assertEqual(server.stats["messages_too_big"], 2)
+
+
+class FailureInjectionTest(ServerTestCase):
+    """Section 4.7: fail= and defer= at MAIL and RCPT."""
+
+    options = {"capture": 5}
+
+    def test_mail(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<fail=bob@example.com>"),
+                         b"553 5.1.7 Sender address rejected\r\n")
+        self.assertEqual(raw.cmd(b"MAIL FROM:<defer=bob@example.com>"),
+                         b"451 4.1.7 Sender address temporarily rejected\r\n")
+        self.assertEqual(raw.cmd(b"MAIL FROM:<FAIL=bob@example.com> SIZE=10"),
+                         b"553 5.1.7 Sender address rejected\r\n")
+        self.assertEqual(raw.cmd(b"MAIL FROM:<bob.fail=x@example.com>"), MAIL_OK)
+
+    def test_rcpt(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:<fail=bob@example.com>"),
+                         b"550 5.1.1 Recipient address rejected\r\n")
+        self.assertEqual(raw.cmd(b"RCPT TO:<defer=bob@example.com> NOTIFY=NEVER"),
+                         b"450 4.2.1 Recipient temporarily unavailable\r\n")
+        self.assertEqual(raw.cmd(b"DATA"), NO_VALID)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)     # DATA refused: no data mode
+        self.assertEqual(raw.cmd(b"RCPT TO:<ok@example.com>"), RCPT_OK)
+        self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
+        raw.send(MESSAGE + b".\r\n")
+        self.assertRegex(raw.reply(), ACCEPTED)
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.rcpt_tos, ["ok@example.com"])
+
+    def test_smtplib_partial_failure(self):
+        with self.smtp() as client:
+            refused = client.sendmail("a@example.com", ["fail=x@example.com", "b@example.com",
+                                                        "defer=y@example.com"], MESSAGE)
+            self.assertEqual(refused, {
+                "fail=x@example.com": (550, b"5.1.1 Recipient address rejected"),
+                "defer=y@example.com": (450, b"4.2.1 Recipient temporarily unavailable")})
+            with self.assertRaises(smtplib.SMTPRecipientsRefused):
+                client.sendmail("a@example.com", ["fail=x@example.com"], MESSAGE)
+            with self.assertRaises(smtplib.SMTPSenderRefused) as caught:
+                client.sendmail("fail=a@example.com", ["b@example.com"], MESSAGE)
+            self.assertEqual(caught.exception.smtp_code, 553)
+        env, = self.server.wait_for(1)
+        self.assertEqual(env.rcpt_tos, ["b@example.com"])
+
+
+class StrictTest(ServerTestCase):
+    """Section 4.4 with strict = true."""
+
+    options = {"strict": True, "capture": 5}
+
+    def test_sequence(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"DATA"), BAD_SEQUENCE)
+        raw.send(b"BDAT 6 LAST\r\nQUIT\r\n")
+        self.assertEqual(raw.reply(), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"DATA"), BAD_SEQUENCE)
+        raw.send(b"BDAT 4\r\nNOOP")
+        self.assertEqual(raw.reply(), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)
+        for clear, reply in ((b"RSET", OK), (b"EHLO x", ehlo_reply()),
+                             (b"HELO x", b"250 bh.test\r\n")):
+            self.assertEqual(raw.cmd(clear), reply)
+            self.assertEqual(raw.cmd(b"DATA"), BAD_SEQUENCE)
+            self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+            self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)
+        self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
+        raw.send(MESSAGE + b".\r\n")
+        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), BAD_SEQUENCE)  # cleared
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+
+    def test_every_refused_recipient_is_not_a_sequence_error(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"HELO x"), b"250 bh.test\r\n")
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:<fail=b@example.com>"),
+                         b"550 5.1.1 Recipient address rejected\r\n")
+        self.assertEqual(raw.cmd(b"DATA"), NO_VALID)
+
+    def test_syntax(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"HELO"), b"501 5.5.4 Syntax: HELO domain\r\n")
+        self.assertEqual(raw.cmd(b"EHLO"), b"501 5.5.4 Syntax: EHLO domain\r\n")
+        self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+        for command in (b"MAIL FROM:", b"MAIL FROM:a@example.com", b"MAIL FROM: <a@example.com>",
+                        b"MAIL", b"MAIL FROM <a@example.com>"):
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command), b"501 5.5.4 Syntax: MAIL FROM: <address>\r\n")
+        reply = raw.cmd(b"MAIL FROM:<a@example.com> FOO=BAR")
+        self.assertTrue(reply.startswith(b"555 5.5.4 ") and reply.endswith(b"\r\n"), reply)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<> BODY=8BITMIME SMTPUTF8 RET=FULL ENVID=x "
+                                 b"AUTH=<> SIZE=100"), MAIL_OK)
+        for command in (b"RCPT TO:", b"RCPT TO:b@example.com", b"RCPT TO: <b@example.com>"):
+            with self.subTest(command=command):
+                self.assertEqual(raw.cmd(command), b"501 5.5.4 Syntax: RCPT TO: <address>\r\n")
+        reply = raw.cmd(b"RCPT TO:<b@example.com> XFOO")
+        self.assertTrue(reply.startswith(b"555 5.5.4 ") and reply.endswith(b"\r\n"), reply)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com> NOTIFY=DELAY ORCPT=rfc822;b@x"),
+                         RCPT_OK)
+
+    def test_line_limits(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"NOOP " + b"x" * (512 - 7)), OK)        # 512 with CRLF
+        self.assertEqual(raw.cmd(b"NOOP " + b"x" * (512 - 6)), b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+        response = base64.b64encode(b"\0user\0" + b"p" * 3000)
+        self.assertEqual(raw.cmd(b"AUTH PLAIN " + response),
+                         b"235 2.7.0 Authentication successful\r\n")
+        raw.send(b"NOOP " + b"x" * 13000 + b"\r\n")
+        self.assertEqual(raw.reply(), b"500 5.5.2 Line too long\r\n")
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+
+
+class ModesTest(ServerTestCase):
+    """Section 4.2's modes, and the dynamic switches of 4.3."""
+
+    options = {"mode": "bounce"}
+
+    def send_many(self, raw, count, content=MESSAGE):
+        """Pipeline count messages in one write; the replies to their data."""
+        one = (b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+               + content + b".\r\n")
+        raw.send(one * count)
+        replies = []
+        for _ in range(count):
+            self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
+                             MAIL_OK + RCPT_OK + GO_AHEAD)
+            replies.append(raw.reply())
+        return replies
+
+    def test_bounce_replies_come_from_the_table(self):
+        replies = self.send_many(self.raw(), 200)
+        self.assertLessEqual(set(replies), BOUNCE_REPLIES)
+        self.assertEqual(set(replies), BOUNCE_REPLIES)    # all ten, (1 - 0.1) ** 200 aside
+        self.assertEqual(self.server.stats["messages_bounced"], 200)
+
+    def test_accept(self):
+        server = self.start_server(mode="accept")
+        for reply in self.send_many(self.raw(server), 20):
+            self.assertRegex(reply, ACCEPTED)
+
+    def test_seeded_random(self):
+        runs = []
+        for _ in range(2):
+            server = self.start_server(mode="random", seed=12345)
+            replies = self.send_many(self.raw(server), 220)
+            runs.append([ACCEPTED.sub(b"accepted", reply) for reply in replies])
+        self.assertEqual(runs[0], runs[1])
+        accepted = runs[0].count(b"accepted")
+        self.assertTrue(5 <= accepted <= 45, accepted)
+        self.assertLessEqual(set(runs[0]) - {b"accepted"}, BOUNCE_REPLIES)
+        self.assertEqual(len(set(runs[0])), 11)
+
+    def test_mode_header(self):
+        raw = self.raw()
+        for header in (b"X-Blackhole-Mode: accept", b"x-blackhole-mode: ACCEPT",
+                       b"X-BLACKHOLE-MODE:Accept"):
+            with self.subTest(header=header):
+                content = b"Subject: x\r\n" + header + b"\r\n\r\nbody\r\n"
+                self.assertRegex(self.send_many(raw, 1, content)[0], ACCEPTED)
+        # Only in the header part; unknown values are ignored.
+        for content in (b"Subject: x\r\n\r\nX-Blackhole-Mode: accept\r\n",
+                        b"X-Blackhole-Mode: sometimes\r\n\r\nbody\r\n"):
+            with self.subTest(content=content):
+                self.assertIn(self.send_many(raw, 1, content)[0], BOUNCE_REPLIES)
+        server = self.start_server(mode="accept")
+        content = b"X-Blackhole-Mode: bounce\r\n\r\nbody\r\n"
+        self.assertIn(self.send_many(self.raw(server), 1, content)[0], BOUNCE_REPLIES)
+
+    def test_headers_ignored_without_dynamic_switch(self):
+        server = self.start_server(mode="bounce", dynamic_switch=False)
+        content = b"X-Blackhole-Mode: accept\r\nX-Blackhole-Delay: 30\r\n\r\nbody\r\n"
+        for reply in self.send_many(self.raw(server), 3, content):
+            self.assertIn(reply, BOUNCE_REPLIES)
+
+    def test_per_listener_flags(self):
+        server = self.start_server(
+            mode="bounce", listen="127.0.0.1:0 mode=accept, 127.0.0.1:0, 127.0.0.1:0 delay=0")
+        self.assertEqual(len(server.addresses), 3)
+        to_accept = self.raw(address=server.addresses[0])
+        to_bounce = self.raw(address=server.addresses[1])
+        delay_flag = self.raw(address=server.addresses[2])
+        self.assertRegex(self.send_many(to_accept, 1)[0], ACCEPTED)
+        self.assertIn(self.send_many(to_bounce, 1)[0], BOUNCE_REPLIES)
+        accept_header = b"X-Blackhole-Mode: accept\r\n\r\nbody\r\n"
+        bounce_header = b"X-Blackhole-Mode: bounce\r\n\r\nbody\r\n"
+        self.assertRegex(self.send_many(to_bounce, 1, accept_header)[0], ACCEPTED)
+        self.assertRegex(self.send_many(to_accept, 1, bounce_header)[0], ACCEPTED)
+        self.assertIn(self.send_many(delay_flag, 1, accept_header)[0], BOUNCE_REPLIES)
+
+
+def timed_message(address, content, results, key):
+    """Send one message; results[key] is (seconds to the reply, reply)."""
+    try:
+        client = RawClient(address)
+        try:
+            client.line()
+            client.send(b"MAIL FROM:<%s@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                        % key.encode())
+            for _ in range(3):
+                client.reply()
+            started = time.monotonic()
+            client.send(content + b".\r\n")
+            reply = client.reply()
+            results[key] = (time.monotonic() - started, reply)
+        finally:
+            client.close()
+    except Exception as exc:        # reported by the test
+        results[key] = (None, exc)
+
+
+class TimeTest(ServerTestCase):
+    """Delays (4.2, 4.3) and the timeout (4.5); each test waits about 1 s."""
+
+    options = {"delay": 1, "listen": "127.0.0.1:0, 127.0.0.1:0 delay=0-1"}
+
+    def run_concurrently(self, jobs):
+        results, threads = {}, []
+        for key, (address, content) in jobs.items():
+            thread = threading.Thread(target=timed_message,
+                                      args=(address, content, results, key))
+            thread.start()
+            threads.append(thread)
+            self.addCleanup(thread.join, TIMEOUT)
+        for thread in threads:
+            thread.join(TIMEOUT)
+        return results
+
+    def test_delays(self):
+        plain, ranged = self.server.addresses
+
+        def header(value):
+            return b"X-Blackhole-Delay: " + value + b"\r\nSubject: x\r\n\r\nbody\r\n"
+        jobs = {
+            "global": (plain, MESSAGE),
+            "header0": (plain, header(b"0")),
+            "header00": (plain, b"x-blackhole-delay:0,0\r\n\r\nbody\r\n"),
+            "reversed": (plain, header(b"1, 0")),
+            "negative": (plain, header(b"-1")),
+            "word": (plain, header(b"soon")),
+            "range": (plain, header(b"0, 1")),
+        }
+        jobs.update(("flag%d" % i, (ranged, header(b"0"))) for i in range(20))
+        results = self.run_concurrently(jobs)
+        zero, one = [], []
+        for key, (seconds, reply) in results.items():
+            with self.subTest(key=key):
+                self.assertIsNotNone(seconds, reply)
+                self.assertRegex(reply, ACCEPTED)
+                (zero if seconds < 0.6 else one).append(key)
+                if seconds >= 0.6:
+                    self.assertTrue(0.9 <= seconds < 3, seconds)
+        self.assertEqual(len(results), len(jobs))
+        self.assertIn("header0", zero)
+        self.assertIn("header00", zero)
+        for key in ("global", "reversed", "negative", "word"):
+            self.assertIn(key, one)
+        flags_zero = [key for key in zero if key.startswith("flag")]
+        self.assertTrue(0 < len(flags_zero) < 20, zero)    # 0-1: both, whole seconds
+
+    def test_timeout(self):
+        server = self.start_server(timeout=1)
+        idle = self.raw(server)
+        mid_data = self.raw(server)
+        mid_data.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        self.assertEqual(mid_data.reply() + mid_data.reply() + mid_data.reply(),
+                         MAIL_OK + RCPT_OK + GO_AHEAD)
+        mid_data.send(b"Subject: x\r\n\r\nhello\r\n")
+        started = time.monotonic()
+        dribbler = self.raw(server)
+        stop = threading.Event()
+
+        def dribble():      # one octet every 0.2 s, never a whole line
+            try:
+                while not stop.wait(0.2):
+                    dribbler.send(b"N")
+            except OSError:
+                pass
+        thread = threading.Thread(target=dribble)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        timeout = b"421 4.4.2 bh.test Error: timeout exceeded\r\n"
+        self.assertEqual(idle.line(), timeout)
+        self.assertTrue(idle.closed())
+        self.assertEqual(mid_data.line(), timeout)
+        self.assertTrue(mid_data.closed())
+        self.assertEqual(dribbler.line(), timeout)
+        self.assertLess(time.monotonic() - started, 2.5)
+        stop.set()
+        wait_until(lambda: server.stats["timeouts"] == 3)
+
+    def test_stop_during_a_delay(self):
+        raw = self.raw()
+        raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                 b"X-Blackhole-Delay: 30\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
+                         MAIL_OK + RCPT_OK + GO_AHEAD)
+        wait_until(lambda: self.server.stats["messages_accepted"] == 1)
+        started = time.monotonic()
+        self.server.stop()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(raw.line(), b"421 4.3.2 bh.test Service shutting down\r\n")
+        self.assertTrue(raw.closed())
+
+
+if __name__ == "__main__":
+    unittest.main()
