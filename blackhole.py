@@ -781,6 +781,8 @@ class _HeaderScan:
         self.mode = self.delay = None
 
     def feed(self, seg):
+        if self.done:
+            return
         buf = self.buf
         start = max(len(buf) - 2, 0)
         buf += seg
@@ -1318,9 +1320,11 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self.shared.close_session(self.peer)
         if self.sock is not self.request:      # a TLS socket of our own
             try:
-                self.sock.close()
-            except OSError:
+                self.sock.setblocking(False)    # send close_notify, never wait
+                self.sock.unwrap()
+            except (OSError, ValueError):
                 pass
+            self.sock.close()
         if self._debug:
             log.debug("%s closed", self.peer)
 
@@ -2524,7 +2528,10 @@ class _Signals:
     """Signal handlers that only set flags; the main loop acts on them."""
 
     def __init__(self):
-        self.wake = threading.Event()
+        # a Lock that a handler releases to end wait(): Event.set() takes a lock,
+        # and a second signal landing inside it deadlocked
+        self.wake = threading.Lock()
+        self.wake.acquire()
         self.stop = self.usr1 = self.child = False
         for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"),
                            ("SIGUSR1", "usr1"), ("SIGCHLD", "child")):
@@ -2534,12 +2541,14 @@ class _Signals:
     def _handler(self, attr):
         def handler(signum, frame):
             setattr(self, attr, True)
-            self.wake.set()
+            try:
+                self.wake.release()     # never blocks
+            except RuntimeError:        # already awake
+                pass
         return handler
 
     def wait(self, timeout=None):
-        self.wake.wait(timeout)
-        self.wake.clear()
+        self.wake.acquire(True, -1 if timeout is None else max(timeout, 0))
 
 
 def _run(server, signals=None):

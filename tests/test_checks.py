@@ -391,6 +391,20 @@ class ModeTest(ChecksTestCase):
         self.assertEqual(self.issues(BAD, server=server, ehlo=False), ())
         self.assertEqual(self.counted(server), {})
 
+    def test_off_still_reads_switches_from_a_header_split_from_its_body(self):
+        server = self.start_server(sender_checks="off")
+        client = self.session(server)
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 OK\r\n")
+        header = b"X-Blackhole-Mode: bounce\r\n\r\n"
+        client.send(b"BDAT %d\r\n%s" % (len(header), header))
+        self.assertEqual(client.reply(),    # each chunk is read apart from the next
+                         b"250 2.0.0 %d octets received\r\n" % len(header))
+        for _ in range(2):      # the header scan has ended; the body goes on
+            client.send(b"BDAT 6\r\nbody\r\n")
+            self.assertEqual(client.reply(), b"250 2.0.0 6 octets received\r\n")
+        self.assertIn(int(client.cmd(b"BDAT 0 LAST")[:3]), blackhole.BOUNCES)
+
     def test_count_is_the_default(self):
         self.assertEqual(self.issues(BAD), ("bare_lf", "missing_date"))
         self.assertEqual(self.counted(), {"bare_lf": 1, "missing_date": 1})
