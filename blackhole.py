@@ -31,6 +31,7 @@ import mmap                 # not lazily: the stdlib may be unreadable once priv
 import os
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -765,6 +766,14 @@ class SenderChecks:
         return tuple(sorted(found))
 
 
+def _empty_line(data):
+    """The index of the LF that ends the line before the first empty line
+    (CRLF or LF) in data, or -1."""
+    end = data.find(b"\n\r\n")
+    bare = data.find(b"\n\n", 0, end + 1 if end >= 0 else len(data))
+    return bare if bare >= 0 else end
+
+
 class _HeaderScan:
     """Finds the end of a message's header and the few fields we look at.
 
@@ -784,15 +793,22 @@ class _HeaderScan:
         if self.done:
             return
         buf = self.buf
-        start = max(len(buf) - 2, 0)
+        tail = bytes(buf[-2:])
+        end = _empty_line(tail + seg[:2])   # an empty line straddling the two
+        if end >= 0:
+            end += len(buf) - len(tail)
+        else:
+            end = _empty_line(seg)
+            if end >= 0:
+                end += len(buf)
+        if end >= 0:
+            if end >= len(buf):
+                buf += seg[:end + 1 - len(buf)]
+            self._scan(bytes(buf[:end + 1]))
+            self.done, self.buf = True, None
+            return
         buf += seg
-        ends = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start))
-                if i >= 0]
-        if ends:
-            self._scan(bytes(buf[:min(ends) + 1]))
-            self.done = True
-            self.buf = None
-        elif len(buf) > self.max_header:
+        if len(buf) > self.max_header:
             last = buf.rfind(b"\n")
             if last > 0:
                 self._scan(bytes(buf[:last + 1]))
@@ -1689,9 +1705,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         """Stream DATA content to its end (4.2); True if a dot was unstuffed
         from a line that had only one (section 11).
 
-        Finds line-leading dots with bytes.find; the end is CRLF.CRLF, or
-        LF.LF after a bare LF, never a mix (no SMTP smuggling).  Content is
-        counted and fed to the checks, and kept only when `parts` is a list.
+        Finds line-leading dots with bytes.find (_find_line_dot); the end is
+        CRLF.CRLF, or LF.LF after a bare LF, never a mix (no SMTP
+        smuggling).  Content is counted and fed to the checks, and kept
+        only when `parts` is a list.
         """
         env, limit = self.envelope, self.config.max_message_size
         feed = checks.feed if checks is not None else (
@@ -1701,7 +1718,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         pos, size, dot_issue = 2, 0, False
         self._start_clock()
         while True:
-            hit = window.find(b"\n.", pos - 1)
+            hit = _find_line_dot(window, pos)
             crlf = hit > 0 and window[hit - 1] == 13
             if hit < 0 or len(window) < hit + 3 + crlf:
                 end = len(window) if hit < 0 else hit + 1
@@ -2021,6 +2038,16 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if not data:
                 raise _Disconnect("closed in the PROXY header")
             count -= len(data)
+
+
+def _find_line_dot(window, start):
+    """The index of the LF before the first line-leading dot at or after
+    start, or -1.  A memchr for any dot usually settles it (generated bodies
+    have none); in text with dots it falls back to a search for LF-dot."""
+    dot = window.find(b".", start)
+    if dot < 0 or window[dot - 1] == 10:
+        return dot - 1 if dot >= 0 else -1
+    return window.find(b"\n.", dot)
 
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))
@@ -2525,14 +2552,21 @@ def _listening(server, log_fn=log.info):
 
 
 class _Signals:
-    """Signal handlers that only set flags; the main loop acts on them."""
+    """Signal handlers that only set flags; the main loop acts on them.
+
+    The kernel may hand a signal to any thread, and Python runs the handler
+    in the main thread only when that thread wakes: set_wakeup_fd makes the
+    signal itself write the byte that ends wait().  (A lock or Event slept
+    through signals taken by another thread, and Event.set() in a handler
+    deadlocked when a second signal landed inside it.)
+    """
 
     def __init__(self):
-        # a Lock that a handler releases to end wait(): Event.set() takes a lock,
-        # and a second signal landing inside it deadlocked
-        self.wake = threading.Lock()
-        self.wake.acquire()
         self.stop = self.usr1 = self.child = False
+        self._wake, self._waker = socket.socketpair()   # a socket: Windows wants one
+        for sock in (self._wake, self._waker):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._waker.fileno())
         for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"),
                            ("SIGUSR1", "usr1"), ("SIGCHLD", "child")):
             if hasattr(signal, name):
@@ -2542,13 +2576,19 @@ class _Signals:
         def handler(signum, frame):
             setattr(self, attr, True)
             try:
-                self.wake.release()     # never blocks
-            except RuntimeError:        # already awake
+                self._waker.send(b"\0")    # a wait() that ran before this ends too
+            except OSError:
                 pass
         return handler
 
     def wait(self, timeout=None):
-        self.wake.acquire(True, -1 if timeout is None else max(timeout, 0))
+        """Sleep until a signal arrives, or for timeout seconds."""
+        select.select([self._wake], [], [], None if timeout is None else max(timeout, 0))
+        try:
+            while self._wake.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
 
 
 def _run(server, signals=None):
@@ -2578,17 +2618,20 @@ def _supervise(server, pidfile, signals=None):
     due = {i: 0.0 for i in range(count)}
 
     def spawn(index):
+        # a SIGTERM to a new worker waits, blocked, until it has its own handlers
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(watch_write)
-                _worker(server, slots[index], watch_read)
+                _worker(server, slots[index], watch_read, mask)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         workers[pid] = index
         starts[index] = time.monotonic()
 
@@ -2660,7 +2703,7 @@ def _kill(pid, sig):
         pass
 
 
-def _worker(server, stats, watch_fd):
+def _worker(server, stats, watch_fd, mask=None):
     """One worker: serve the inherited listeners until told or orphaned."""
     for sig in ("SIGCHLD", "SIGUSR1"):
         if hasattr(signal, sig):
@@ -2673,6 +2716,8 @@ def _worker(server, stats, watch_fd):
     for srv in server.servers:
         srv.shared = shared
     signals = _Signals()
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     server._wake = os.pipe()
     thread = threading.Thread(target=server.serve, args=(watch_fd,), daemon=True)
     server._thread = thread
