@@ -2656,6 +2656,8 @@ def _supervise(server, pidfile, signals=None):
                     slots[index]._array[Stats.names.index("connections_active")] = 0
                     spawn(index)
             signals.wait(min(due.values()) - now if due else None)
+            if signals.stop:        # workers ended by the same Ctrl-C are not restarted
+                break
             if signals.usr1:
                 signals.usr1 = False
                 log.info("%s", counters_line(server.counters()))

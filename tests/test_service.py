@@ -1,0 +1,619 @@
+"""Running as a service: -b, workers, signals, /metrics, privileges (SPEC 2, 7, 8).
+
+The daemon and the workers are real processes (`python blackhole.py`); each
+test kills whatever it started at cleanup, found by its own config file.
+"""
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import blackhole
+from tests.support import HOST, ROOT, TIMEOUT, ServerTestCase, free_port, run_cli, \
+    wait_until, write_config
+
+BLACKHOLE = os.path.join(ROOT, "blackhole.py")
+GREETING = b"220 %s ESMTP\r\n" % HOST.encode()
+POSIX = hasattr(os, "fork") and os.path.isdir("/proc/self")
+ROOT_WARNING = b"blackhole: warning: running as root without user/group\n"
+
+
+# ---------------------------------------------------------------------------
+# Processes, seen through /proc
+
+def proc_stat(pid):
+    """(state, ppid, session) of pid, or None once it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def gone(pid):
+    """True when pid has exited (a zombie waiting for a reaper counts)."""
+    stat = proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X")
+
+
+def children(pid):
+    """The live processes whose parent is pid."""
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = proc_stat(int(name))
+            if stat and stat[1] == pid and stat[0] not in ("Z", "X"):
+                kids.append(int(name))
+    return sorted(kids)
+
+
+def stopped(pid):
+    """True when every thread of pid is stopped (after SIGSTOP)."""
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as handle:
+                if handle.read().rpartition(")")[2].split()[0] not in ("T", "t"):
+                    return False
+        except OSError:
+            pass
+    return True
+
+
+def tcp_entry(sock):
+    """The /proc/net/tcp fields of the server side of a client socket."""
+    client_port, server_port = sock.getsockname()[1], sock.getpeername()[1]
+    with open("/proc/net/tcp") as handle:
+        for line in handle.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == server_port and \
+                    int(fields[2].split(":")[1], 16) == client_port:
+                return fields
+    return None
+
+
+def owner(sock, pids):
+    """Which of pids holds the server side of a client socket, or None."""
+    fields = tcp_entry(sock)
+    if fields is None:
+        return None
+    target = "socket:[%s]" % fields[9]
+    for pid in pids:
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == target:
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+def processes_using(path):
+    """Pids whose command line names path (a test's own config file)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open("/proc/%s/cmdline" % name, "rb") as handle:
+                    if path.encode() in handle.read().split(b"\0") and not gone(int(name)):
+                        pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_quietly(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_using(path):
+    """Cleanup: SIGKILL every process started with this config file."""
+    for pid in processes_using(path):
+        kill_quietly(pid)
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------
+# Talking to a process
+
+def greeting(port, timeout=TIMEOUT):
+    """Connect to 127.0.0.1:port and return the first line (b"" if closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def smtp(testcase, port):
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname="localhost", timeout=TIMEOUT)
+    testcase.addCleanup(client.close)
+    return client
+
+
+def http_get(address, path):
+    """(status, content type, body) of GET path."""
+    conn = http.client.HTTPConnection(*address, timeout=TIMEOUT)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+
+
+SAMPLE = re.compile(r'^(blackhole_[a-z_]+(?:\{[a-z]+="[a-z0-9_]+"\})?) (\d+)$')
+
+
+def parse_metrics(testcase, body):
+    """Prometheus text format: every line checked; returns {sample: value}."""
+    text = body.decode("utf-8")
+    testcase.assertTrue(text.endswith("\n"))
+    samples, typed = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            testcase.assertIn(kind, ("counter", "gauge"), line)
+            typed.add(name)
+            continue
+        match = SAMPLE.match(line)
+        testcase.assertIsNotNone(match, "not a sample line: %r" % line)
+        testcase.assertIn(match.group(1).split("{")[0], typed, "no # TYPE for " + line)
+        testcase.assertNotIn(match.group(1), samples)
+        samples[match.group(1)] = int(match.group(2))
+    return samples
+
+
+def metric_name(stat):
+    """The /metrics sample for a server.stats key."""
+    for prefix, metric, label in (
+            ("messages_", "messages_total", "result"),
+            ("auth_", "auth_total", "result"),
+            ("tls_", "tls_handshakes_total", "result"),
+            ("faults_", "faults_total", "kind"),
+            ("sender_issues_", "sender_issues_total", "issue")):
+        if stat.startswith(prefix):
+            return 'blackhole_%s{%s="%s"}' % (metric, label, stat[len(prefix):])
+    return {"connections_total": "blackhole_connections_total",
+            "connections_active": "blackhole_connections_active",
+            "bytes_received": "blackhole_bytes_received_total",
+            "timeouts": "blackhole_timeouts_total"}[stat]
+
+
+def as_metrics(stats):
+    return {metric_name(name): value for name, value in stats.items()}
+
+
+def message(kind, number):
+    """A message that gets the result kind: accepted, bounced or too_big."""
+    body = b"x" * 60 + b"\r\n"
+    if kind == "bounced":
+        return (b"From: a@example.com\r\nX-Blackhole-Mode: bounce\r\nSubject: %d\r\n\r\n"
+                % number) + body
+    if kind == "too_big":
+        return b"From: a@example.com\r\nSubject: %d\r\n\r\n" % number + body * 40
+    return b"From: a@example.com\r\nSubject: %d\r\n\r\n" % number + body
+
+
+MAX_SIZE = 1000     # max_message_size in these tests: too_big is 2500 octets
+
+
+def send(testcase, client, kinds):
+    """Send one message of each kind on client; returns their octets.
+
+    MAIL carries no SIZE=, so that a message too big is refused after its
+    data (a message), not at MAIL (not one).
+    """
+    sizes = 0
+    for number, kind in enumerate(kinds):
+        data = message(kind, number)
+        testcase.assertEqual(len(data) > MAX_SIZE, kind == "too_big")
+        testcase.assertEqual(client.mail("a@example.com")[0], 250)
+        testcase.assertEqual(client.rcpt("b@example.com")[0], 250)
+        code, text = client.data(data)
+        if kind == "accepted":
+            testcase.assertEqual(code, 250, text)
+        elif kind == "too_big":
+            testcase.assertEqual((code, text), (
+                552, b"5.3.4 Message size exceeds fixed maximum message size"))
+        else:
+            testcase.assertIn(code, blackhole.BOUNCES)
+        sizes += len(data)
+    return sizes
+
+
+def expected_counters(kinds, connections, octets, faults=0):
+    counts = dict.fromkeys(("accepted", "bounced", "too_big"), 0)
+    for kind in kinds:
+        counts[kind] += 1
+    return {
+        'blackhole_messages_total{result="accepted"}': counts["accepted"],
+        'blackhole_messages_total{result="bounced"}': counts["bounced"],
+        'blackhole_messages_total{result="too_big"}': counts["too_big"],
+        "blackhole_connections_total": connections,
+        "blackhole_bytes_received_total": octets,
+        'blackhole_faults_total{kind="directive"}': faults,
+        # no Date: or Message-ID: in any of them (SPEC 11), a From: in all
+        'blackhole_sender_issues_total{issue="missing_date"}': len(kinds),
+        'blackhole_sender_issues_total{issue="missing_message_id"}': len(kinds),
+        'blackhole_sender_issues_total{issue="missing_from"}': 0,
+    }
+
+
+# ---------------------------------------------------------------------------
+
+@unittest.skipUnless(POSIX, "needs fork and /proc")
+class ProcessTestCase(unittest.TestCase):
+    """Starts `python blackhole.py -c CONF` processes and cleans them up."""
+
+    def config(self, text):
+        path = write_config(self, "hostname = %s\n%s" % (HOST, text))
+        self.addCleanup(kill_using, path)
+        return path
+
+    def tempdir(self):
+        path = tempfile.mkdtemp(prefix="blackhole-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def start(self, text, *args):
+        """A foreground blackhole in its own process group; (proc, log path)."""
+        conf = self.config(text)
+        fd, log = tempfile.mkstemp(suffix=".log", prefix="blackhole-test-")
+        self.addCleanup(os.remove, log)
+        try:
+            proc = subprocess.Popen([sys.executable, BLACKHOLE, "-c", conf] + list(args),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=fd, cwd=ROOT, start_new_session=True)
+        finally:
+            os.close(fd)
+        self.addCleanup(self._stop, proc)
+        return proc, log
+
+    @staticmethod
+    def _stop(proc):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def serving(self, proc, log, port):
+        """Wait until 127.0.0.1:port greets; fails early if proc exited."""
+        def greets():
+            if proc.poll() is not None:
+                raise AssertionError("blackhole exited with %s:\n%s" % (
+                    proc.returncode, read_text(log)))
+            try:
+                return greeting(port) == GREETING
+            except ConnectionRefusedError:
+                return False
+        wait_until(greets, message="a greeting on port %d" % port)
+
+    def workers_of(self, proc, count=2):
+        wait_until(lambda: len(children(proc.pid)) == count, message="%d workers" % count)
+        return children(proc.pid)
+
+    def pause(self, pid):
+        """SIGSTOP pid so that the other workers take every connection."""
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(kill_quietly, pid, signal.SIGCONT)
+        wait_until(lambda: stopped(pid), message="worker %d stopped" % pid)
+
+    def served_by(self, port, pid, pids):
+        """A session on port, asserted to be served by pid; returns the client."""
+        client = smtp(self, port)
+        self.assertEqual(owner(client.sock, pids), pid)
+        return client
+
+
+class BackgroundTest(ProcessTestCase):
+    """-b: the launcher returns once the daemon serves (SPEC 2, 7)."""
+
+    def test_background_serves_and_stops(self):
+        port, piddir = free_port(), self.tempdir()
+        pidfile = os.path.join(piddir, "blackhole.pid")
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+        launcher = subprocess.Popen([sys.executable, BLACKHOLE, "-b", "-c", conf],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=ROOT)
+        out, err = launcher.communicate(timeout=TIMEOUT)
+        # connect at once: the port accepts and the daemon greets
+        self.assertEqual(greeting(port), GREETING)
+        self.assertEqual(launcher.returncode, 0, err)
+        self.assertEqual(out, b"")
+        self.assertEqual(err, ROOT_WARNING if os.getuid() == 0 else b"")
+        with open(pidfile) as handle:
+            text = handle.read()
+        self.assertRegex(text, r"^\d+\n$")
+        pid = int(text)
+        self.addCleanup(kill_quietly, pid)
+        self.assertNotEqual(pid, launcher.pid)
+        self.assertFalse(gone(pid))
+        self.assertEqual(processes_using(conf), [pid])
+        state, ppid, session = proc_stat(pid)
+        self.assertNotEqual(ppid, launcher.pid)
+        self.assertNotEqual(session, os.getsid(0))          # setsid: detached
+        self.assertEqual(os.readlink("/proc/%d/cwd" % pid), "/")
+        for fd in (0, 1, 2):
+            self.assertEqual(os.readlink("/proc/%d/fd/%d" % (pid, fd)), os.devnull)
+
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        wait_until(lambda: gone(pid) and not os.path.exists(pidfile), timeout=5,
+                   message="the daemon to exit")
+        self.assertLess(time.monotonic(), deadline)
+        self.assertEqual(processes_using(conf), [])
+        with self.assertRaises(ConnectionRefusedError):
+            greeting(port)
+
+    def test_background_port_in_use(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            pidfile = os.path.join(self.tempdir(), "blackhole.pid")
+            conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+            result = run_cli("-q", "-b", "-c", conf)
+        self.assertEqual(result.returncode, 64)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(result.stderr, (
+            "blackhole: %s: listen = 127.0.0.1:%d: cannot bind: Address already in use\n"
+            % (conf, port)).encode())
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertEqual(processes_using(conf), [])
+
+
+class ForegroundTest(ProcessTestCase):
+    """workers = 1: SIGUSR1 logs the counters, SIGINT stops (SPEC 2)."""
+
+    def test_sigusr1_then_sigint(self):
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nmax_message_size = %d\n"
+                               % (port, MAX_SIZE), "-q")
+        self.serving(proc, log, port)
+        client = smtp(self, port)
+        octets = send(self, client, ["accepted", "too_big"])
+        client.quit()
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_until(lambda: "counters:" in read_text(log), message="the counters line")
+        lines = [line for line in read_text(log).splitlines() if "counters:" in line]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("blackhole: counters: connections_total="),
+                        lines[0])
+        values = dict(item.split("=") for item in lines[0].split()[2:])
+        self.assertEqual(list(values), list(blackhole.Stats.names))
+        # the probe of serving(), then the session that sent
+        self.assertEqual(values["connections_total"], "2")
+        self.assertEqual(values["messages_accepted"], "1")
+        self.assertEqual(values["messages_too_big"], "1")
+        self.assertEqual(values["bytes_received"], str(octets))
+        self.assertEqual(proc.poll(), None)                 # SIGUSR1 does not stop it
+
+        os.kill(proc.pid, signal.SIGINT)
+        self.assertEqual(proc.wait(2), 0)
+        self.assertEqual(read_text(log).splitlines()[-1], "blackhole: stopped")
+
+
+class WorkersTest(ProcessTestCase):
+    """workers = 2: a supervisor and two workers (SPEC 7)."""
+
+    def test_workers_serve_restart_and_stop(self):
+        port, pidfile = free_port(), os.path.join(self.tempdir(), "blackhole.pid")
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\npidfile = %s\n"
+                               % (port, pidfile), "-q")
+        self.serving(proc, log, port)
+        first, second = workers = self.workers_of(proc)
+        with open(pidfile) as handle:
+            self.assertEqual(handle.read(), "%d\n" % proc.pid)
+        # each worker serves mail while the other is paused
+        for serving, paused in ((first, second), (second, first)):
+            self.pause(paused)
+            client = self.served_by(port, serving, workers)
+            self.assertEqual(client.sendmail("a@example.com", ["b@example.com"],
+                                             b"Subject: x\r\n\r\nhi\r\n"), {})
+            client.quit()
+            os.kill(paused, signal.SIGCONT)
+
+        # a worker killed is replaced, and the replacement serves
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: set(children(proc.pid)) - {first, second}, timeout=5,
+                   message="a replacement worker")
+        wait_until(lambda: gone(first), message="the killed worker reaped")
+        (replacement,) = set(children(proc.pid)) - {second}
+        self.pause(second)
+        client = self.served_by(port, replacement, [replacement, second])
+        self.assertEqual(client.noop(), (250, b"2.0.0 OK"))
+        self.assertLess(time.monotonic() - killed, 5)
+        client.quit()
+        os.kill(second, signal.SIGCONT)
+
+        # SIGTERM stops every process within 2 s and removes the pidfile
+        stopping = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(2), 0)
+        wait_until(lambda: gone(replacement) and gone(second),
+                   timeout=max(0, stopping + 2 - time.monotonic()), message="workers gone")
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertIn("restarting", read_text(log))
+
+    def test_ctrl_c_stops_every_process(self):
+        # a terminal's Ctrl-C signals the supervisor and the workers at once,
+        # here as soon as the second worker exists
+        port, metrics_port = free_port(), free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n"
+                               "metrics_listen = 127.0.0.1:%d\n" % (port, metrics_port), "-q")
+        self.serving(proc, log, port)
+        workers = self.workers_of(proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        stopping = time.monotonic()
+        self.assertEqual(proc.wait(2), 0)
+        wait_until(lambda: all(gone(pid) for pid in workers),
+                   timeout=max(0, stopping + 2 - time.monotonic()), message="workers gone")
+        self.assertEqual(read_text(log), "blackhole: listening on 127.0.0.1:%d (smtp, mode="
+                         "accept)\nblackhole: metrics on http://127.0.0.1:%d/metrics\n"
+                         "blackhole: stopped\n" % (port, metrics_port))
+
+    def test_metrics_over_two_workers(self):
+        port, metrics_port = free_port(), free_port()
+        proc, log = self.start(
+            "listen = 127.0.0.1:%d\nworkers = 2\nmetrics_listen = 127.0.0.1:%d\n"
+            "max_message_size = %d\n" % (port, metrics_port, MAX_SIZE), "-q")
+        self.serving(proc, log, port)
+        first, second = workers = self.workers_of(proc)
+        metrics = ("127.0.0.1", metrics_port)
+        plan = [  # (worker, kinds) per connection, several on each worker
+            (first, ["accepted", "bounced", "too_big", "accepted"]),
+            (second, ["bounced", "accepted", "too_big"]),
+            (first, ["accepted"]),
+            (second, ["bounced", "bounced", "accepted"]),
+        ]
+        octets, kinds = 0, []
+        for serving, sent in plan:
+            paused = second if serving == first else first
+            self.pause(paused)
+            client = self.served_by(port, serving, workers)
+            os.kill(paused, signal.SIGCONT)
+            octets += send(self, client, sent)
+            kinds += sent
+            if len(sent) == 1:      # an injected fault counts too (SPEC 10.5)
+                self.assertEqual(client.rcpt("fail=c@example.com"),
+                                 (550, b"5.1.1 Recipient address rejected"))
+            # read right after the reply: the counters are already there (SPEC 8)
+            status, kind, body = http_get(metrics, "/metrics")
+            self.assertEqual(status, 200)
+            samples = parse_metrics(self, body)
+            self.assertEqual(sum(samples['blackhole_messages_total{result="%s"}' % r]
+                                 for r in ("accepted", "bounced", "too_big")), len(kinds))
+            client.quit()
+        self.assertTrue(kind.startswith("text/plain; version=0.0.4"), kind)
+        # the probe of serving() is a connection too
+        expected = expected_counters(kinds, len(plan) + 1, octets, faults=1)
+        wait_until(lambda: parse_metrics(self, http_get(metrics, "/metrics")[2])[
+            "blackhole_connections_active"] == 0, message="sessions closed")
+        samples = parse_metrics(self, http_get(metrics, "/metrics")[2])
+        self.assertEqual({k: samples[k] for k in expected}, expected)
+        self.assertEqual(set(samples), {metric_name(n) for n in
+                                        blackhole.Stats.names})
+        for path in ("/", "/metricsx", "/other"):
+            self.assertEqual(http_get(metrics, path)[0], 404)
+
+        # SIGUSR1 to the supervisor: one line, summed over the workers
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_until(lambda: "counters:" in read_text(log), message="the counters line")
+        lines = [line for line in read_text(log).splitlines() if "counters:" in line]
+        self.assertEqual(len(lines), 1, lines)
+        values = {metric_name(k): int(v) for k, v in
+                  (item.split("=") for item in lines[0].split()[2:])}
+        self.assertEqual(values, samples)
+
+
+class PrivilegesTest(ProcessTestCase):
+    """Bind, then drop to user/group (SPEC 7)."""
+
+    def test_unknown_user_is_a_config_error(self):
+        conf = self.config("listen = 127.0.0.1:%d\nuser = no-such-user-bh\n" % free_port())
+        result = run_cli("-c", conf)
+        self.assertEqual(result.returncode, 64)
+        self.assertRegex(result.stderr.decode(), r"^blackhole: %s: user = no-such-user-bh: "
+                         r"[^\n]*no such user[^\n]*\n\Z" % re.escape(conf))
+        self.assertEqual(processes_using(conf), [])
+
+    @unittest.skipUnless(hasattr(os, "getuid") and os.getuid() == 0,
+                         "dropping privileges needs root (CI runs the tests as root)")
+    def test_workers_run_as_nobody(self):
+        import grp
+        import pwd
+        user = pwd.getpwnam("nobody")
+        for group in ("nogroup", "nobody"):
+            try:
+                gid = grp.getgrnam(group).gr_gid
+                break
+            except KeyError:
+                pass
+        else:
+            self.skipTest("no nogroup or nobody group")
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\nuser = nobody\n"
+                               "group = %s\n" % (port, group))
+        self.serving(proc, log, port)
+        workers = self.workers_of(proc)
+        for pid in [proc.pid] + workers:
+            with open("/proc/%d/status" % pid) as handle:
+                status = dict(line.split(":", 1) for line in handle.read().splitlines())
+            # real, effective, saved and filesystem ids
+            self.assertEqual(status["Uid"].split(), [str(user.pw_uid)] * 4, pid)
+            self.assertEqual(status["Gid"].split(), [str(gid)] * 4, pid)
+            self.assertEqual(status["Groups"].split(), [str(gid)], pid)
+        self.assertNotIn("warning", read_text(log))
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(2), 0)
+
+
+class EmbeddedMetricsTest(ServerTestCase):
+    """workers = 1 in-process: /metrics and server.stats agree (SPEC 8, 9)."""
+
+    options = {"metrics_listen": "127.0.0.1:0", "max_message_size": MAX_SIZE}
+
+    def test_metrics_equal_stats(self):
+        self.assertEqual(self.server.metrics_address[0], "127.0.0.1")
+        kinds, octets = [], 0
+        for sent in (["accepted", "too_big"], ["bounced", "accepted", "bounced"]):
+            client = self.smtp()
+            octets += send(self, client, sent)
+            kinds += sent
+            client.quit()
+        self.assertEqual(self.smtp().rcpt("fail=c@example.com")[0], 550)
+        wait_until(lambda: self.server.stats["connections_active"] == 1)
+        status, kind, body = http_get(self.server.metrics_address, "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(kind.startswith("text/plain; version=0.0.4"), kind)
+        samples = parse_metrics(self, body)
+        self.assertEqual(samples, as_metrics(self.server.stats))
+        expected = expected_counters(kinds, 3, octets, faults=1)
+        expected["blackhole_connections_active"] = 1
+        self.assertEqual({k: samples[k] for k in expected}, expected)
+        for name in ("auth_total", "tls_handshakes_total"):
+            for result in ("success", "failure"):
+                self.assertEqual(samples['blackhole_%s{result="%s"}' % (name, result)], 0)
+        self.assertEqual(samples["blackhole_timeouts_total"], 0)
+        self.assertEqual(http_get(self.server.metrics_address, "/")[0], 404)
+        self.assertEqual(http_get(self.server.metrics_address, "/metrics/x")[0], 404)
+
+
+if __name__ == "__main__":
+    unittest.main()
