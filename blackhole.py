@@ -641,6 +641,8 @@ def parse_directives(address):
     Returns () for an ordinary address: anything before the first `=` that
     is not entirely directives makes the address ordinary, never an error.
     """
+    if "=" not in address:
+        return ()
     local = address.rpartition("@")[0] if "@" in address else address
     head, sep, _ = local.partition("=")
     if not sep or not head:
@@ -1447,9 +1449,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def _flush(self):
         """Write every queued reply at once (section 4.6)."""
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             self.sock.sendall(data)
 
     def _last_reply(self, code, text):
@@ -1559,8 +1562,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         plan = parse_directives(address)
         if plan:
             self._act_now(plan, address, "mail")
-        self.reset()
-        env = self.envelope
+        if env.mail_from is not None or env.rcpt_tos or env.refused or self.bdat:
+            self.reset()        # a new transaction (permissive); else env is fresh
+            env = self.envelope
         env.mail_from, env.mail_options, env.sender_plan = address, params, plan
         env.has_plans = bool(plan)
         env.smtputf8 = "SMTPUTF8" in params
@@ -1722,7 +1726,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             crlf = hit > 0 and window[hit - 1] == 13
             if hit < 0 or len(window) < hit + 3 + crlf:
                 end = len(window) if hit < 0 else hit + 1
-                if feed is not None or parts is not None:
+                if end > pos and (feed is not None or parts is not None):
                     seg = window[pos:end]
                     if feed is not None:
                         feed(seg)
