@@ -172,7 +172,7 @@ def _parse_int(text, low, high=None):
 def parse_delay(text):
     """Parse `N`, `MIN-MAX` or `MIN, MAX` seconds into (min, max)."""
     parts = re.split(r"\s*[-,]\s*", str(text).strip())
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+    if len(parts) not in (1, 2) or not all(p.isascii() and p.isdigit() for p in parts):
         raise ValueError("must be N or MIN-MAX whole seconds")
     low, high = int(parts[0]), int(parts[-1])
     if high > MAX_DELAY:
@@ -199,10 +199,6 @@ def _split_hostport(text):
         host, sep, port = text.rpartition(":")
         if not sep:
             raise ValueError("must be ADDR:PORT")
-        if host == "::":
-            host = "::"
-        elif host == "":
-            host = "0.0.0.0"
     port = port.strip()
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError("port must be a number from 0 to 65535")
@@ -2609,7 +2605,7 @@ def _run(server, signals=None):
         server.stop()
 
 
-def _supervise(server, pidfile, signals=None):
+def _supervise(server, signals=None):
     """workers = N: fork N workers on the bound sockets and keep them alive."""
     count = server.config.workers
     memory = mmap.mmap(-1, Stats.size * count)
@@ -2787,7 +2783,7 @@ def main(argv=None):
             os.write(pipe, b"ok")
             os.close(pipe)
         if config.workers > 1 and hasattr(os, "fork"):
-            _supervise(server, pidfile, signals)
+            _supervise(server, signals)
         else:
             _run(server, signals)
         log.info("stopped")
