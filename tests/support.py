@@ -1,6 +1,7 @@
 """Helpers shared by the tests: servers, raw clients, transcripts."""
 
 import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -133,6 +134,16 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def kill_group(proc):
+    """Kill a subprocess started with start_new_session=True, and its children."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
 
 
 def run_cli(*args, timeout=TIMEOUT, **kwargs):

@@ -18,8 +18,8 @@ import time
 import unittest
 
 from blackhole import parse_proxy_v1, parse_proxy_v2
-from tests.support import CA, CERT, HOST, KEY, ROOT, TIMEOUT, RawClient, ServerTestCase, \
-    free_port, wait_until
+from tests.support import CA, CERT, HOST, KEY, ROOT, RawClient, ServerTestCase, TIMEOUT, \
+    free_port, kill_group, wait_until
 from tests.test_service import http_get, parse_metrics, read_text, tcp_entry
 
 GREETING = b"220 %s ESMTP\r\n" % HOST.encode()
@@ -377,15 +377,6 @@ class SourcedClient(RawClient):
         self.buf = b""
 
 
-def _kill_group(proc):
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-
-
 def _loopback_source_works(address):
     try:
         with socket.socket() as sock:
@@ -439,7 +430,7 @@ class HAProxyTest(unittest.TestCase):
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     cwd=cls.dir, start_new_session=True)
         cls.procs[name] = proc
-        cls.addClassCleanup(_kill_group, proc)
+        cls.addClassCleanup(kill_group, proc)
 
     @classmethod
     def haproxy(cls, command):

@@ -18,7 +18,7 @@ import time
 import unittest
 
 import blackhole
-from tests.support import HOST, ROOT, TIMEOUT, ServerTestCase, free_port, run_cli, \
+from tests.support import HOST, ROOT, ServerTestCase, TIMEOUT, free_port, kill_group, run_cli, \
     wait_until, write_config
 
 BLACKHOLE = os.path.join(ROOT, "blackhole.py")
@@ -299,17 +299,8 @@ class ProcessTestCase(unittest.TestCase):
                                     stderr=fd, cwd=ROOT, start_new_session=True)
         finally:
             os.close(fd)
-        self.addCleanup(self._stop, proc)
+        self.addCleanup(kill_group, proc)
         return proc, log
-
-    @staticmethod
-    def _stop(proc):
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
 
     def serving(self, proc, log, port):
         """Wait until 127.0.0.1:port greets; fails early if proc exited."""
