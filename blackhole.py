@@ -23,7 +23,6 @@ import binascii
 import collections
 import configparser
 import hashlib
-import hmac
 import ipaddress
 import itertools
 import logging
@@ -300,6 +299,12 @@ def _parse_readable(text):
     return path
 
 
+def _no_password():
+    """For load_cert_chain: an encrypted key fails at once, without the
+    interactive pass phrase prompt OpenSSL would otherwise show."""
+    return b""
+
+
 def _pem_has(path, marker):
     """True if the file at path holds marker (a PEM boundary) in its first MiB."""
     try:
@@ -455,7 +460,7 @@ class Config:
                 fail("tls_key", "no PEM private key in it")
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    self.tls_cert, self.tls_key)
+                    self.tls_cert, self.tls_key, password=_no_password)
             except (ssl.SSLError, OSError):
                 fail("tls_key", "does not match tls_cert")
         if self.tls_dhparams:
@@ -480,6 +485,10 @@ class Config:
             seen.add(key)
         if self.timeout and self.delay[1] >= self.timeout:
             fail("delay", "must be less than timeout (%d)" % self.timeout)
+        for listener in self.listen + self.tls_listen:
+            if self.timeout and listener.delay and listener.delay[1] >= self.timeout:
+                fail("tls_listen" if listener.tls else "listen",
+                     "delay= must be less than timeout (%d)" % self.timeout)
         if self.hostname is None:
             object.__setattr__(self, "hostname", _default_hostname())
         if (self.user or self.group) and hasattr(os, "getuid") and os.getuid() != 0:
@@ -506,7 +515,7 @@ class Config:
             default_section="\0none")
         parser.optionxform = str.lower
         offset = 0                      # lines added above the file's own
-        if not re.search(r"^\s*\[", text, re.M):
+        if not re.search(r"^\s*\[[^\]\n]*\]\s*(?:[#;].*)?$", text, re.M):
             text, offset = "[blackhole]\n" + text, 1
         try:
             parser.read_string(text, source=path)
@@ -627,7 +636,7 @@ count the K of an xK suffix, or None.
 """
 
 _DIRECTIVE_RE = re.compile(
-    r"^(data-)?(fail|defer|drop|421|4[5-9]\d|5[0-5]\d|delay-\d+)(?:x([1-9]\d*))?\Z",
+    r"^(data-)?(fail|defer|drop|421|4[5-9]\d|5[0-5]\d|delay-\d{1,9})(?:x([1-9]\d{0,8}))?\Z",
     re.I | re.A)        # ASCII: no other script's digits or letters, no "\n"
 
 
@@ -669,18 +678,16 @@ class SenderChecks:
     """
 
     long_line = 998     # RFC 5322 2.1.1: octets of content per line
-    max_header = 65536  # header octets kept to find Date/From/Message-ID
 
-    _CRLF_ONLY = bytes(b for b in range(256) if b not in (10, 13))
+    _BARE_CR = re.compile(rb"\r(?!\n)")      # regexes with a literal first
+    _BARE_LF = re.compile(rb"\n(?<!\r\n)")   # octet: a fast scan, no copy
 
-    def __init__(self, eightbit_ok=False, dot_issue=False):
+    def __init__(self, eightbit_ok=False):
         self.found = set()
         self.eightbit_ok = eightbit_ok
         self.line_len = 0           # octets of the current, unfinished line
         self.pending_cr = False     # the last octet fed was a CR
         self.header = _HeaderScan()
-        if dot_issue:
-            self.found.add("unstuffed_dot")
 
     def feed(self, seg):
         """Check one segment of message content."""
@@ -700,18 +707,18 @@ class SenderChecks:
             self._line_lengths(seg, prev_cr)
 
     def _line_endings(self, seg, prev_cr):
-        ends = seg.translate(None, self._CRLF_ONLY)
-        if prev_cr:
-            ends = b"\r" + ends
-        if self.pending_cr:
-            ends = ends[:-1]
-        if len(ends) != 2 * ends.count(b"\r\n"):
-            found = self.found
-            rest = ends.replace(b"\r\n", b"")
-            if b"\n" in rest:
-                found.add("bare_lf")
-            if b"\r" in rest:
-                found.add("bare_cr")
+        """A CR carried over from the last segment ends a line only if this
+        one starts with LF; a CR ending this one waits for the next."""
+        found, lf_first = self.found, seg[0] == 10
+        if prev_cr and not lf_first:
+            found.add("bare_cr")
+        if lf_first and not prev_cr:
+            found.add("bare_lf")
+        if "bare_cr" not in found and self._BARE_CR.search(
+                seg, 0, len(seg) - self.pending_cr):
+            found.add("bare_cr")
+        if "bare_lf" not in found and self._BARE_LF.search(seg, 1):
+            found.add("bare_lf")
 
     def _line_lengths(self, seg, prev_cr):
         limit, size = self.long_line, len(seg)
@@ -749,6 +756,8 @@ class SenderChecks:
         self.header.finish()        # no empty line: the whole message was header
         if self.line_len > self.long_line + (1 if self.pending_cr else 0):
             found.add("long_line")
+        if self.pending_cr:         # the data ended on a CR (BDAT)
+            found.add("bare_cr")
         if command_bare_lf:
             found.add("bare_lf")
         if not self.header.has_date:
@@ -901,9 +910,6 @@ class Stats:
     def as_dict(self):
         return dict(zip(self.names, self._array.tolist()))
 
-    def release(self):
-        self._array.release()
-
     @classmethod
     def summed(cls, stats_list):
         total = dict.fromkeys(cls.names, 0)
@@ -981,7 +987,7 @@ class TokenBucket:
 class Greylist:
     """Greylisting of (ip, sender, recipient) triples (section 10.2).
 
-    `check(triple)` returns 0 to accept, else the whole seconds left.
+    `check(triple)` returns 0 to accept, else the period (for the 451 text).
     The table is bounded (oldest triple dropped first).
     """
 
@@ -1059,7 +1065,7 @@ def parse_proxy_v2(data):
     UNSPEC/UNIX families, give a None source.
     """
     sig = _PROXY_V2_SIG
-    if not data.startswith(sig[:len(data)]) or (len(data) < 12 and data != sig[:len(data)]):
+    if not data.startswith(sig[:len(data)]):
         raise ValueError("not a PROXY v2 header")
     if len(data) < 16:
         return None
@@ -1107,10 +1113,17 @@ def _tls_context(config, less_secure=False):
         context.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
     context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
                         "ECDHE+AES:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES")
-    context.load_cert_chain(config.tls_cert, config.tls_key)
+    context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_password)
     if config.tls_dhparams:
         context.load_dh_params(config.tls_dhparams)
     return context
+
+
+def _digest(*parts):
+    """A short key for a table that client strings would otherwise fill.
+
+    sha256, not hash(): the same on every run and in every process (10.4)."""
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).digest()
 
 
 class _Shared:
@@ -1132,7 +1145,7 @@ class _Shared:
         self.ids = itertools.count(1)
         self.id_prefix = "%x.%d" % (time.time_ns() if hasattr(time, "time_ns")
                                     else int(time.time() * 1e9), os.getpid())
-        self.messages = collections.deque(maxlen=capture or None) if capture else None
+        self.messages = collections.deque(maxlen=capture) if capture else None
         self.arrived = threading.Condition()
         self.on_message = on_message
         self.keep_data = bool(capture or on_message)
@@ -1146,8 +1159,11 @@ class _Shared:
                 self.greylists[period] = Greylist(period)
             return self.greylists[period]
 
-    def count(self, key):
-        """How many times key was seen before, counting this time (xK, seeds)."""
+    def count(self, *key):
+        """How many times key was seen, this time included (xK, seeds).
+
+        Keys are client strings of up to 12 KB; the table keeps a digest."""
+        key = _digest(*key)
         with self.lock:
             seen = self.counts.pop(key, 0) + 1
             self.counts[key] = seen
@@ -1160,12 +1176,9 @@ class _Shared:
         seed = self.config.seed
         if seed is None:
             return random
-        key = ("seed", sender, tuple(rcpts))
-        sequence = self.count(key) - 1
-        digest = hashlib.sha256(("%d\0%s\0%s\0%d" % (
-            seed, sender, "\0".join(rcpts), sequence)).encode(
-                "utf-8", "surrogateescape")).digest()
-        return random.Random(digest)
+        sender = sender or ""       # DATA without MAIL, in permissive mode
+        sequence = self.count("seed", sender, *rcpts) - 1
+        return random.Random(_digest(str(seed), sender, *rcpts, str(sequence)))
 
     def open_session(self, peer):
         """Admit a session: None, or the 421 that refuses it (section 10.3)."""
@@ -1214,6 +1227,52 @@ class _Shared:
                 log.exception("on_message raised")
 
 
+def _find_line_dot(window, start):
+    """The index of the LF before the first line-leading dot at or after
+    start, or -1.  A memchr for any dot usually settles it (generated bodies
+    have none); in text with dots it falls back to a search for LF-dot."""
+    dot = window.find(b".", start)
+    if dot < 0 or window[dot - 1] == 10:
+        return dot - 1 if dot >= 0 else -1
+    return window.find(b"\n.", dot)
+
+
+_BOUNCE_CODES = tuple(sorted(BOUNCES))
+_VERBS = {}     # handler class -> the verbs it answers
+
+
+def _wire_verbs(handler_class):
+    """The verbs a handler class answers: its smtp_VERB method names.
+
+    A client's verb is only looked up once it is one of these, so no
+    other attribute is ever reachable from the wire."""
+    verbs = _VERBS.get(handler_class)
+    if verbs is None:
+        verbs = _VERBS[handler_class] = frozenset(
+            name[5:] for name in dir(handler_class)
+            if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper())
+    return verbs
+
+
+_FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
+    ("mail", "fail"): (553, "5.1.7 Sender address rejected"),
+    ("mail", "defer"): (451, "4.1.7 Sender address temporarily rejected"),
+    ("rcpt", "fail"): (550, "5.1.1 Recipient address rejected"),
+    ("rcpt", "defer"): (450, "4.2.1 Recipient temporarily unavailable"),
+}
+
+
+def _trusted(peer, networks):
+    """Whether peer may send a PROXY header (proxy_trusted, section 12)."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
+
+
 # ###########################################################################
 # The SMTP session
 # ###########################################################################
@@ -1233,7 +1292,7 @@ class _AuthDecided(Exception):
 _TOO_LONG = object()    # _readline's answer for a line over the limit
 _MAIL_PARAMS = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"))
 _RCPT_PARAMS = frozenset(("NOTIFY", "ORCPT"))
-_DELAY_RE = re.compile(r"^(\d+)\s*(?:,\s*(\d+))?$")
+_DELAY_RE = re.compile(r"^(\d{1,9})\s*(?:,\s*(\d{1,9}))?$", re.A)
 
 
 def _printable(text):
@@ -1263,6 +1322,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_line = 12288                # any command line; the excess is discarded (4.4)
     max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
     max_unknown = 10                # unknown commands before the session is closed
+    max_recipients = 1000           # per transaction; RFC 5321 4.5.3.1.8 asks for 100
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
 
     # ----- session life -------------------------------------------------
@@ -1330,6 +1390,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self._last_reply(451, "4.3.0 Requested action aborted: local error in processing")
 
     def finish(self):
+        with self.shared.lock:
+            self.shared.sessions.pop(threading.current_thread(), None)
         if self.admitted:
             self.shared.close_session(self.peer)
         if self.sock is not self.request:      # a TLS socket of our own
@@ -1396,6 +1458,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         """Called by the reaper when the deadline passed: wake the session
         blocked on a read (it answers 421); a second kick also closes the
         writing side of one stuck writing to a client that does not read."""
+        deadline = self.deadline
+        if deadline is None or deadline > now:      # the line came meanwhile
+            return
         how = socket.SHUT_RDWR if self.timed_out else socket.SHUT_RD
         self.timed_out = True
         self.deadline = now + (self._timeout or 0)
@@ -1449,7 +1514,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            self.sock.sendall(data)
+            if self.deadline is None:   # a client that does not read is cut off too
+                self._start_clock()
+                self.sock.sendall(data)
+                self.deadline = None
+            else:
+                self.sock.sendall(data)
 
     def _last_reply(self, code, text):
         """A reply before closing, to a client that may not be reading."""
@@ -1482,9 +1552,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 self.command_bare_lf = True
             text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
             verb, _, arg = text.partition(" ")
-            name = verb.upper()
+            name = verb.upper() if verb.isascii() else ""     # "ſ".upper() is "S"
             if self._debug:
-                log.debug("%s > %s", self.peer, name + " " + arg.split(" ", 1)[0]
+                log.debug("%s > %r", self.peer, name + " " + arg.split(" ", 1)[0]
                           if name == "AUTH" else text)
             if self.strict and len(line) > (
                     self.max_line if name == "AUTH" else self.max_strict_line):
@@ -1549,7 +1619,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self._check_params(params, _MAIL_PARAMS)
         size = params.get("SIZE")
         if isinstance(size, str) and size.isascii() and size.isdigit() and \
-                int(size) > self.config.max_message_size:
+                (len(size) > 20 or int(size) > self.config.max_message_size):
             raise SMTPError(552, "5.3.4 Message size exceeds fixed maximum message size")
         rate = self.shared.rate
         if rate is not None and not rate.take(self.peer):
@@ -1579,6 +1649,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
         address = path[0]
         self._check_params(parse_params(path[1]), _RCPT_PARAMS)
+        if len(env.rcpt_tos) >= self.max_recipients:
+            raise SMTPError(452, "4.5.3 Too many recipients")
         env.utf8_address = env.utf8_address or not address.isascii()
         plan = parse_directives(address)
         try:
@@ -1586,7 +1658,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 self._act_now(plan, address, "rcpt")
             if self.greylist:
                 greylist = self.shared.greylist(self.greylist)
-                if greylist.check((self.peer, env.mail_from, address)):
+                if greylist.check(_digest(self.peer, env.mail_from or "", address)):
                     self.shared.stats.add("faults_greylist")
                     raise SMTPError(451, "4.7.1 Greylisted, try again in %d seconds"
                                     % self.greylist)
@@ -1629,6 +1701,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_BDAT(self, arg):
         words = arg.split()
         if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) or \
+                len(words[0]) > 20 or \
                 (len(words) == 2 and words[1].upper() != "LAST"):
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["BDAT"])
         size, last = int(words[0]), len(words) == 2
@@ -1637,6 +1710,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         except SMTPError:
             self._read_exact(size, None, None, None)   # RFC 3030: read, then refuse
             self.bdat = None
+            self.envelope.size = 0
             raise
         if self.bdat is None:
             self.bdat = self._message_readers()
@@ -1817,9 +1891,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         of section 10.1: size, data- directives, refuse, then the mode.
         A code of None means drop."""
         config, shared = self.config, self.shared
+        rng = shared.rng(env.mail_from, env.rcpt_tos)     # every end of data counts
         if env.size > config.max_message_size:
             return "too_big", 552, "5.3.4 Message size exceeds fixed maximum message size", 0
-        rng = shared.rng(env.mail_from, env.rcpt_tos) if config.seed is not None else random
         mode, (low, high) = self.mode, self.delay
         if self.switches and header is not None:
             mode, (low, high) = self._switches(header, mode, (low, high))
@@ -1869,7 +1943,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         acting = [d for d in plan if d.data == data]
         if not acting:
             return 0, None
-        seen = self.shared.count((stage, address)) if any(
+        seen = self.shared.count(stage, address) if any(
             d.count for d in acting) else 1
         delay = 0
         for directive in acting:
@@ -2038,51 +2112,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if not data:
                 raise _Disconnect("closed in the PROXY header")
             count -= len(data)
-
-
-def _find_line_dot(window, start):
-    """The index of the LF before the first line-leading dot at or after
-    start, or -1.  A memchr for any dot usually settles it (generated bodies
-    have none); in text with dots it falls back to a search for LF-dot."""
-    dot = window.find(b".", start)
-    if dot < 0 or window[dot - 1] == 10:
-        return dot - 1 if dot >= 0 else -1
-    return window.find(b"\n.", dot)
-
-
-_BOUNCE_CODES = tuple(sorted(BOUNCES))
-
-
-_VERBS = {}     # handler class -> the verbs it answers
-
-
-def _wire_verbs(handler_class):
-    """The verbs a handler class answers: its smtp_VERB method names.
-
-    A client's verb is only looked up once it is one of these, so no
-    other attribute is ever reachable from the wire."""
-    verbs = _VERBS.get(handler_class)
-    if verbs is None:
-        verbs = _VERBS[handler_class] = frozenset(
-            name[5:] for name in dir(handler_class)
-            if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper())
-    return verbs
-_FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
-    ("mail", "fail"): (553, "5.1.7 Sender address rejected"),
-    ("mail", "defer"): (451, "4.1.7 Sender address temporarily rejected"),
-    ("rcpt", "fail"): (550, "5.1.1 Recipient address rejected"),
-    ("rcpt", "defer"): (450, "4.2.1 Recipient temporarily unavailable"),
-}
-
-
-def _trusted(peer, networks):
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in net for net in networks)
 
 
 # ###########################################################################
@@ -2347,6 +2376,15 @@ class Server:
             self._wake = None
         self._close_sessions(grace)
 
+    def _close_after_fork(self):
+        """In a forked child: close this server's sockets and pipe; its
+        threads did not survive the fork."""
+        self._close_listeners()
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+        self._wake = self._thread = None
+
     def _close_listeners(self):
         for server in self.servers + ([self.metrics] if self.metrics else []):
             server.server_close()
@@ -2581,6 +2619,10 @@ class _Signals:
                 pass
         return handler
 
+    def close(self):
+        self._wake.close()
+        self._waker.close()
+
     def wait(self, timeout=None):
         """Sleep until a signal arrives, or for timeout seconds."""
         select.select([self._wake], [], [], None if timeout is None else max(timeout, 0))
@@ -2625,7 +2667,9 @@ def _supervise(server, signals=None):
             code = 1
             try:
                 os.close(watch_write)
-                _worker(server, slots[index], watch_read, mask)
+                if metrics:         # the supervisor's, once it serves
+                    metrics._close_after_fork()
+                _worker(server, slots[index], watch_read, mask, signals)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -2705,7 +2749,7 @@ def _kill(pid, sig):
         pass
 
 
-def _worker(server, stats, watch_fd, mask=None):
+def _worker(server, stats, watch_fd, mask=None, parent_signals=None):
     """One worker: serve the inherited listeners until told or orphaned."""
     for sig in ("SIGCHLD", "SIGUSR1"):
         if hasattr(signal, sig):
@@ -2718,6 +2762,8 @@ def _worker(server, stats, watch_fd, mask=None):
     for srv in server.servers:
         srv.shared = shared
     signals = _Signals()
+    if parent_signals is not None:
+        parent_signals.close()
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     server._wake = os.pipe()

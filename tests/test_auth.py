@@ -309,8 +309,8 @@ class CredentialsNotLoggedTest(ServerTestCase):
         smtp.login("someone", secret.decode())
         smtp.quit()
         logged = "\n".join(self.records.messages)
-        self.assertIn("> AUTH PLAIN", logged)           # the capture works
-        self.assertIn("> AUTH LOGIN", logged)
+        self.assertIn("> 'AUTH PLAIN", logged)           # the capture works
+        self.assertIn("> 'AUTH LOGIN", logged)
         self.assertIn("< 334 UGFzc3dvcmQ6", logged)
         for text in (secret, plain, user, password, raw):
             self.assertNotIn(text.decode(), logged)

@@ -257,6 +257,7 @@ class IssueTest(ChecksTestCase):
 # unstuffed_dot, which only DATA can have)
 TRICKY = [
     (CLEAN, ()),
+    (HEADER + b"\r\none\rtwo\nthree\r\n", ("bare_cr", "bare_lf")),    # one of each, one line
     (HEADER + b"\r\n" + b"y" * 998 + b"\r\n" + b"z" * 998 + b"\r\n", ()),
     (HEADER + b"\r\n" + b"y" * 998 + b"\r\n" + b"z" * 999 + b"\r\n", ("long_line",)),
     (HEADER + b"\r\n" + b"y" * 999 + b"\r\nend\r\n", ("long_line",)),
@@ -290,6 +291,12 @@ class FeedSplitTest(unittest.TestCase):
                     got = checks_issues([content[:at], content[at:]])
                     if got != expected:
                         self.fail("split at %d: %r != %r" % (at, got, expected))
+
+    def test_a_last_cr_is_bare(self):
+        # only BDAT can end a message so; DATA always ends on CRLF
+        content = HEADER + b"\r\nends on a CR\r"
+        for at in range(len(content) + 1):
+            self.assertEqual(checks_issues([content[:at], content[at:]]), ("bare_cr",))
 
     def test_small_pieces(self):
         for size in (1, 2, 3, 7):

@@ -484,7 +484,7 @@ class HAProxyTest(unittest.TestCase):
     def test_smtpchk_marks_both_servers_up(self):
         # option smtpchk (HELO, then QUIT) over send-proxy-v2 health checks
         self.assertEqual(self.servers(), {"bh1": ("UP", "L7OK"), "bh2": ("UP", "L7OK")})
-        self.assertIn("127.0.0.1 > HELO haproxy.test", read_text(self.logs["bh2"]))
+        self.assertIn("127.0.0.1 > 'HELO haproxy.test'", read_text(self.logs["bh2"]))
 
     def test_messages_spread_over_both_instances(self):
         before = {name: self.accepted(name) for name in ("bh1", "bh2")}

@@ -43,8 +43,11 @@ openssl ca -batch -notext -config "$CNF" -cert ca.pem -keyfile ca.key \
     -startdate "$START" -days "$DAYS" -extensions server_ec_ext \
     -in "$CA_DIR/server-ec.csr" -out server-ec.pem
 
+# server.key under a pass phrase: blackhole must refuse it, not prompt
+openssl pkey -in server.key -aes256 -passout pass:secret -out server-encrypted.key
+
 # Test keys, committed on purpose: readable like every other file.
-chmod 644 ca.key server.key server-ec.key
+chmod 644 ca.key server.key server-ec.key server-encrypted.key
 
 openssl dhparam -out dhparams.pem 2048 2>/dev/null
 
