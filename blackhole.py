@@ -800,6 +800,13 @@ class _HeaderScan:
         if self.done:
             return
         buf = self.buf
+        if len(buf) == 1:               # the usual case: a header in one segment
+            data = b"\n" + seg
+            end = _empty_line(data)
+            if end >= 0:
+                self._scan(data[:end + 1])
+                self.done, self.buf = True, None
+                return
         tail = bytes(buf[-2:])
         end = _empty_line(tail + seg[:2])   # an empty line straddling the two
         if end >= 0:
