@@ -694,8 +694,7 @@ class SenderChecks:
         if not seg:
             return
         found = self.found
-        if not self.header.done:
-            self.header.feed(seg)
+        self.header.feed(seg)
         if not self.eightbit_ok and not seg.isascii():
             found.add("8bit_without_8bitmime")
             self.eightbit_ok = True
@@ -800,21 +799,17 @@ class _HeaderScan:
         if self.done:
             return
         buf = self.buf
-        if len(buf) == 1:               # the usual case: a header in one segment
-            data = b"\n" + seg
-            end = _empty_line(data)
-            if end >= 0:
-                self._scan(data[:end + 1])
-                self.done, self.buf = True, None
-                return
-        tail = bytes(buf[-2:])
-        end = _empty_line(tail + seg[:2])   # an empty line straddling the two
-        if end >= 0:
-            end += len(buf) - len(tail)
+        if len(buf) == 1:               # the first segment: the usual whole header
+            end = _empty_line(b"\n" + seg)
         else:
-            end = _empty_line(seg)
+            tail = bytes(buf[-2:])
+            end = _empty_line(tail + seg[:2])   # an empty line straddling the two
             if end >= 0:
-                end += len(buf)
+                end += len(buf) - len(tail)
+            else:
+                end = _empty_line(seg)
+                if end >= 0:
+                    end += len(buf)
         if end >= 0:
             if end >= len(buf):
                 buf += seg[:end + 1 - len(buf)]
@@ -832,7 +827,7 @@ class _HeaderScan:
 
     def finish(self):
         """No empty line came: the whole message was header."""
-        if not self.done and self.buf is not None:
+        if not self.done:
             self._scan(bytes(self.buf) + b"\n")
             self.done, self.buf = True, None
 
@@ -856,7 +851,7 @@ class Envelope:
 
     __slots__ = ("peer", "helo", "mail_from", "mail_options", "rcpt_tos",
                  "data", "reply", "issues", "size", "smtputf8", "eightbit",
-                 "utf8_address", "no_helo", "refused", "sender_plan", "has_plans",
+                 "utf8_address", "no_helo", "refused", "sender_plan",
                  "rcpt_plans")
 
     def __init__(self, peer=None, helo=None):
@@ -872,7 +867,6 @@ class Envelope:
         self.no_helo = False
         self.refused = 0            # recipients refused in this transaction
         self.sender_plan = ()
-        self.has_plans = False      # some address carries directives (10.1)
         self.rcpt_plans = []
 
     def __repr__(self):
@@ -1150,8 +1144,7 @@ class _Shared:
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
         self.counts = collections.OrderedDict()
         self.ids = itertools.count(1)
-        self.id_prefix = "%x.%d" % (time.time_ns() if hasattr(time, "time_ns")
-                                    else int(time.time() * 1e9), os.getpid())
+        self.id_prefix = "%x.%d" % (time.time_ns(), os.getpid())
         self.messages = collections.deque(maxlen=capture) if capture else None
         self.arrived = threading.Condition()
         self.on_message = on_message
@@ -1232,6 +1225,13 @@ class _Shared:
                 self.on_message(envelope)
             except Exception:
                 log.exception("on_message raised")
+
+
+def _feed(checks, header):
+    """What the DATA and BDAT readers hand each segment to: the checks
+    (which scan the header too), the header scan alone, or nothing."""
+    scanner = checks if checks is not None else header
+    return scanner.feed if scanner is not None else None
 
 
 def _find_line_dot(window, start):
@@ -1364,7 +1364,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.greylist = listener.greylist if listener.greylist is not None \
             else config.greylist
         self.switches = config.dynamic_switch and not (listener.mode or listener.delay)
-        self.strict = config.strict
         self.verbs = _wire_verbs(type(self))
         self.envelope = None
         self.bdat = None                # (SenderChecks, header, parts) during BDAT
@@ -1563,8 +1562,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if self._debug:
                 log.debug("%s > %r", self.peer, name + " " + arg.split(" ", 1)[0]
                           if name == "AUTH" else text)
-            if self.strict and len(line) > (
-                    self.max_line if name == "AUTH" else self.max_strict_line):
+            if self.config.strict and name != "AUTH" and len(line) > self.max_strict_line:
                 self._unknown(500, "5.5.2 Line too long")
             if name not in self.verbs:
                 self._unknown()
@@ -1615,9 +1613,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_MAIL(self, arg):
         strict, env = self.config.strict, self.envelope
-        if strict and self.helo is None:
-            raise SMTPError(503, "5.5.1 Bad sequence of commands")
-        if strict and env.mail_from is not None:
+        if strict and (self.helo is None or env.mail_from is not None):
             raise SMTPError(503, "5.5.1 Bad sequence of commands")
         path = parse_path(arg, "FROM", strict)
         if path is None:
@@ -1639,7 +1635,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self.reset()        # a new transaction (permissive); else env is fresh
             env = self.envelope
         env.mail_from, env.mail_options, env.sender_plan = address, params, plan
-        env.has_plans = bool(plan)
         env.smtputf8 = "SMTPUTF8" in params
         env.eightbit = env.smtputf8 or str(params.get("BODY", "")).upper() in (
             "8BITMIME", "BINARYMIME")
@@ -1674,7 +1669,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             raise
         env.rcpt_tos.append(address)
         env.rcpt_plans.append(plan)
-        env.has_plans = env.has_plans or bool(plan)
         self.reply(250, "2.1.5 OK")
 
     def _check_params(self, params, known):
@@ -1791,9 +1785,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         smuggling).  Content is counted and fed to the checks, and kept
         only when `parts` is a list.
         """
-        env, limit = self.envelope, self.config.max_message_size
-        feed = checks.feed if checks is not None else (
-            header.feed if header is not None else None)
+        limit, feed = self.config.max_message_size, _feed(checks, header)
         window = (b"\r\n" if self._last_crlf else b"\0\n") + self._buf[self._pos:]
         self._buf, self._pos = b"", 0
         pos, size, dot_issue = 2, 0, False
@@ -1801,30 +1793,23 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         while True:
             hit = _find_line_dot(window, pos)
             crlf = hit > 0 and window[hit - 1] == 13
-            if hit < 0 or len(window) < hit + 3 + crlf:
-                end = len(window) if hit < 0 else hit + 1
-                if end > pos and (feed is not None or parts is not None):
-                    seg = window[pos:end]
-                    if feed is not None:
-                        feed(seg)
-                    if parts is not None:
-                        parts.append(seg)
-                size += end - pos
-                if parts is not None and size > limit:
-                    parts = None
+            end = hit + 1 if hit >= 0 else len(window)     # content up to here
+            if end > pos and (feed is not None or parts is not None):
+                seg = window[pos:end]
+                if feed is not None:
+                    feed(seg)
+                if parts is not None:
+                    parts.append(seg)
+            size += end - pos
+            if parts is not None and size > limit:
+                parts = None            # too big: counted, no longer kept
+            if hit < 0 or len(window) < hit + 3 + crlf:  # the dot's line goes on
                 data = self._recv()
                 if b"\n" in data:
                     self._start_clock()
                 window = window[end - 2:] + data
                 pos = 2
                 continue
-            if feed is not None or parts is not None:
-                seg = window[pos:hit + 1]
-                if feed is not None:
-                    feed(seg)
-                if parts is not None:
-                    parts.append(seg)
-            size += hit + 1 - pos
             after = window[hit + 2]
             if crlf and after == 13 and window[hit + 3] == 10:
                 self._buf = window[hit + 4:]
@@ -1836,19 +1821,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 dot_issue = True
             pos = hit + 2
         self.deadline = None
-        env.size = size
-        if parts is not None and size > limit:
-            parts = None
-        env.data = b"".join(parts) if parts is not None else None
+        self.envelope.size = size
         return dot_issue
 
     def _read_exact(self, count, checks, header, parts):
         """Read one BDAT chunk of `count` octets (RFC 3030)."""
-        env, feed = self.envelope, None
-        if checks is not None:
-            feed = checks.feed
-        elif header is not None:
-            feed = header.feed
+        env, feed = self.envelope, _feed(checks, header)
         self._start_clock()
         while count:
             buf, pos = self._buf, self._pos
@@ -1906,7 +1884,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             mode, (low, high) = self._switches(header, mode, (low, high))
         delay = rng.randint(low, high) if high > low else low
         decided = None
-        if env.has_plans:
+        if env.sender_plan or any(env.rcpt_plans):
             for address, plan in [(env.mail_from, env.sender_plan)] + list(
                     zip(env.rcpt_tos, env.rcpt_plans)):
                 wait, action = self._plan(plan, address, "data")
@@ -2044,7 +2022,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_STARTTLS(self, arg):
         if arg:
-            raise SMTPError(501, "5.5.4 Syntax: STARTTLS")
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["STARTTLS"])
         if self.tls:
             raise SMTPError(503, "5.5.1 TLS already active")
         if not self._starttls_offered():
@@ -2584,7 +2562,7 @@ def _listening(server, log_fn=log.info):
         flags = ["mode=" + (listener.mode or config.mode)]
         delay = listener.delay or config.delay
         if delay != (0, 0):
-            flags.append("delay=%s" % (delay[0] if delay[0] == delay[1] else "%d-%d" % delay))
+            flags.append("delay=%s" % _show(delay))
         if listener.greylist:
             flags.append("greylist=%d" % listener.greylist)
         if listener.proxy:
