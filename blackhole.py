@@ -1396,8 +1396,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self._last_reply(451, "4.3.0 Requested action aborted: local error in processing")
 
     def finish(self):
-        with self.shared.lock:
-            self.shared.sessions.pop(threading.current_thread(), None)
         if self.admitted:
             self.shared.close_session(self.peer)
         if self.sock is not self.request:      # a TLS socket of our own
@@ -2131,6 +2129,13 @@ class SMTPServer(socketserver.TCPServer):
         if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
+
+    def shutdown_request(self, request):
+        """Close the connection, then leave the registry that stop() joins:
+        a session is not over while its socket is still open."""
+        super().shutdown_request(request)
+        with self.shared.lock:
+            self.shared.sessions.pop(threading.current_thread(), None)
 
     def handle_error(self, request, client_address):
         log.exception("error serving %s", client_address)
