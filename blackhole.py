@@ -1234,14 +1234,22 @@ def _feed(checks, header):
     return scanner.feed if scanner is not None else None
 
 
+_LF_DOT = re.compile(rb"\n\.")
+
+
 def _find_line_dot(window, start):
     """The index of the LF before the first line-leading dot at or after
-    start, or -1.  A memchr for any dot usually settles it (generated bodies
-    have none); in text with dots it falls back to a search for LF-dot."""
-    dot = window.find(b".", start)
-    if dot < 0 or window[dot - 1] == 10:
-        return dot - 1 if dot >= 0 else -1
-    return window.find(b"\n.", dot)
+    start, or -1.  A few memchr hops from dot to dot usually settle it
+    (generated bodies have few dots); text with many dots falls back to a
+    regex search for LF-dot, twice as fast as bytes.find's for two octets."""
+    find = window.find
+    for _ in range(4):
+        dot = find(b".", start)
+        if dot < 0 or window[dot - 1] == 10:
+            return dot - 1 if dot >= 0 else -1
+        start = dot + 1
+    match = _LF_DOT.search(window, start)
+    return match.start() if match else -1
 
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))
