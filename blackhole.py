@@ -800,7 +800,11 @@ class _HeaderScan:
             return
         buf = self.buf
         if len(buf) == 1:               # the first segment: the usual whole header
-            end = _empty_line(b"\n" + seg)
+            data = b"\n" + seg
+            end = _empty_line(data)
+            if end >= 0:
+                self._end(data[:end + 1])
+                return
         else:
             tail = bytes(buf[-2:])
             end = _empty_line(tail + seg[:2])   # an empty line straddling the two
@@ -810,12 +814,11 @@ class _HeaderScan:
                 end = _empty_line(seg)
                 if end >= 0:
                     end += len(buf)
-        if end >= 0:
-            if end >= len(buf):
-                buf += seg[:end + 1 - len(buf)]
-            self._scan(bytes(buf[:end + 1]))
-            self.done, self.buf = True, None
-            return
+            if end >= 0:
+                if end >= len(buf):
+                    buf += seg[:end + 1 - len(buf)]
+                self._end(bytes(buf[:end + 1]))
+                return
         buf += seg
         if len(buf) > self.max_header:
             last = buf.rfind(b"\n")
@@ -828,8 +831,11 @@ class _HeaderScan:
     def finish(self):
         """No empty line came: the whole message was header."""
         if not self.done:
-            self._scan(bytes(self.buf) + b"\n")
-            self.done, self.buf = True, None
+            self._end(bytes(self.buf) + b"\n")
+
+    def _end(self, block):
+        self._scan(block)
+        self.done, self.buf = True, None
 
     def _scan(self, block):
         lower = block.lower()
@@ -1253,19 +1259,19 @@ def _find_line_dot(window, start):
 
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))
-_VERBS = {}     # handler class -> the verbs it answers
+_VERBS = {}     # handler class -> {verb: smtp_VERB function}
 
 
 def _wire_verbs(handler_class):
-    """The verbs a handler class answers: its smtp_VERB method names.
+    """The verbs a handler class answers, each to its smtp_VERB method.
 
-    A client's verb is only looked up once it is one of these, so no
-    other attribute is ever reachable from the wire."""
+    A client's verb is only looked up in this table, so no other
+    attribute is ever reachable from the wire."""
     verbs = _VERBS.get(handler_class)
     if verbs is None:
-        verbs = _VERBS[handler_class] = frozenset(
-            name[5:] for name in dir(handler_class)
-            if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper())
+        verbs = _VERBS[handler_class] = {
+            name[5:]: getattr(handler_class, name) for name in dir(handler_class)
+            if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper()}
     return verbs
 
 
@@ -1570,9 +1576,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                           if name == "AUTH" else text)
             if self.config.strict and name != "AUTH" and len(line) > self.max_strict_line:
                 self._unknown(500, "5.5.2 Line too long")
-            if name not in self.verbs:
+            method = self.verbs.get(name)
+            if method is None:
                 self._unknown()
-            getattr(self, "smtp_" + name)(arg.strip())
+            method(self, arg.strip())
         except SMTPError as err:
             self.reply(err.code, err.text)
             if err.close:
@@ -1886,7 +1893,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if env.size > config.max_message_size:
             return "too_big", 552, "5.3.4 Message size exceeds fixed maximum message size", 0
         mode, (low, high) = self.mode, self.delay
-        if self.switches and header is not None:
+        if self.switches and header is not None and (header.mode or header.delay):
             mode, (low, high) = self._switches(header, mode, (low, high))
         delay = rng.randint(low, high) if high > low else low
         decided = None
