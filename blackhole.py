@@ -1259,18 +1259,18 @@ def _find_line_dot(window, start):
 
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))
-_VERBS = {}     # handler class -> {verb: smtp_VERB function}
+_VERBS = {}     # handler class -> {verb: "smtp_VERB"}
 
 
 def _wire_verbs(handler_class):
-    """The verbs a handler class answers, each to its smtp_VERB method.
+    """The verbs a handler class answers, each to its smtp_VERB method name.
 
     A client's verb is only looked up in this table, so no other
     attribute is ever reachable from the wire."""
     verbs = _VERBS.get(handler_class)
     if verbs is None:
         verbs = _VERBS[handler_class] = {
-            name[5:]: getattr(handler_class, name) for name in dir(handler_class)
+            name[5:]: name for name in dir(handler_class)
             if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper()}
     return verbs
 
@@ -1579,7 +1579,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             method = self.verbs.get(name)
             if method is None:
                 self._unknown()
-            method(self, arg.strip())
+            getattr(self, method)(arg.strip())
         except SMTPError as err:
             self.reply(err.code, err.text)
             if err.close:
