@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import unittest
+from unittest import mock
 
 import blackhole
 from tests import support
@@ -80,6 +81,13 @@ class VerbTest(ServerTestCase):
         self.assertEqual(client.cmd("rſet".encode()), b"502 5.5.2 Command not recognised\r\n")
         self.assertEqual(client.cmd("ſtarttlſ".encode()),
                          b"502 5.5.2 Command not recognised\r\n")
+
+    def test_a_verb_patched_later_is_the_one_called(self):
+        # the verb table is built by the first session; a later patch still counts
+        self.assertEqual(self.raw().cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+        with mock.patch.object(blackhole.SMTPHandler, "smtp_NOOP",
+                               lambda handler, arg: handler.reply(250, "patched")):
+            self.assertEqual(self.raw().cmd(b"NOOP"), b"250 patched\r\n")
 
 
 class SilentReaderTest(ServerTestCase):
