@@ -9,6 +9,7 @@ import time
 import tracemalloc
 import unittest
 from contextlib import closing
+from unittest import mock
 
 import blackhole
 from tests.support import (CERT, HOST, KEY, TIMEOUT, RawClient, ServerTestCase, run_cli,
@@ -107,6 +108,61 @@ class LifecycleTest(unittest.TestCase):
                 client.sendmail("a@example.com", ["b@example.com"], MESSAGE % 1)
             server.wait_for(1)
         self.assertEqual(open_fds(), fds)
+
+
+class ThreadReuseTest(unittest.TestCase):
+    """A finished session's thread waits idle_seconds for the next connection."""
+
+    def session(self, server):
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+            self.assertEqual(client.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+            self.assertTrue(client.closed())
+
+    def parked(self, server, count):
+        wait_until(lambda: len(server.shared.idle) == count,
+                   message="%d parked thread(s)" % count)
+
+    def test_sessions_one_after_another_share_a_thread(self):
+        with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", 30):
+            with blackhole.Server(hostname=HOST) as server:
+                before = set(threading.enumerate())
+                self.session(server)
+                self.parked(server, 1)
+                parked = set(threading.enumerate()) - before
+                self.assertEqual(len(parked), 1)
+                for _ in range(10):
+                    self.session(server)
+                    self.parked(server, 1)
+                    self.assertEqual(set(threading.enumerate()) - before, parked)
+                started = time.monotonic()
+            self.assertLess(time.monotonic() - started, 5)  # stop() wakes it, no 30 s wait
+            self.assertFalse(parked.pop().is_alive())
+
+    def test_a_parked_thread_ends_after_idle_seconds(self):
+        with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", 0.05):
+            with blackhole.Server(hostname=HOST) as server:
+                before = set(threading.enumerate())
+                self.session(server)
+                wait_until(lambda: set(threading.enumerate()) <= before,
+                           message="the parked thread to end")
+                self.assertEqual(server.shared.idle, {})
+                self.session(server)        # and a new thread serves the next
+
+    def test_at_most_max_idle_threads_wait(self):
+        with mock.patch.multiple(blackhole.ThreadingSMTPServer, idle_seconds=30, max_idle=2):
+            with blackhole.Server(hostname=HOST) as server:
+                before = set(threading.enumerate())
+                clients = [RawClient(server.address) for _ in range(5)]
+                for client in clients:
+                    self.addCleanup(client.close)
+                    self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+                for client in clients:
+                    self.assertEqual(client.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+                    self.assertTrue(client.closed())
+                wait_until(lambda: len(set(threading.enumerate()) - before) == 2,
+                           message="three of five threads to end")
+                self.assertEqual(len(server.shared.idle), 2)
 
 
 class AddressesTest(unittest.TestCase):
