@@ -8,12 +8,16 @@ Run it with `make bench` or `python3 bench/bench.py [options]`:
                      pipelined, idle, tls, workers, embed, checks
     --no-kura        measure blackhole.py alone
     --seconds S      length of one measurement (default 2)
+    --rounds N       rounds over every target (default 3, 1 with --quick)
     --blackhole PATH the blackhole.py to measure (default: the repo's)
     --no-smtp-source use the Python clients even when smtp-source is there
 
 It starts `python3 blackhole.py -c CONFIG` on a generated config and a free
 port of 127.0.0.1, waits until the port answers, runs each scenario against
-it and prints one markdown table on stdout (progress goes to stderr):
+it and prints one markdown table on stdout (progress goes to stderr). The
+targets take turns, round after round, and the table shows each figure's
+median over the rounds: on a small, noisy machine one 2-second figure can
+be 25% off, and taking turns keeps a slow minute from favouring one side.
 
     scenario        what was measured, and its unit
     ours            blackhole.py, one process (`workers = 1`) unless the row
@@ -540,7 +544,7 @@ def scenario_large(bench, target):
         peak, after = srv.rss_mb("VmHWM"), srv.rss_mb()
         rows["large 10 MB: RSS MB before → after (peak)"] = (
             "%.1f → %.1f (%.1f)" % (before, after, peak))
-        bench.rss_growth[target.key] = max(after, peak) - before
+        bench.rss_growth.setdefault(target.key, []).append(max(after, peak) - before)
     return rows
 
 
@@ -669,7 +673,7 @@ def scenario_checks(bench, target):
             rows["sender_checks = %s, %s" % (mode, what)] = (
                 "error" if best[mode] is None else best[mode])
         if best["off"] and best["count"]:
-            bench.checks_ratio[what] = best["count"] / best["off"]
+            bench.checks_ratio.setdefault(what, []).append(best["count"] / best["off"])
     return rows
 
 
@@ -688,12 +692,13 @@ class Bench:
 
     def __init__(self, args):
         self.seconds = args.seconds or (0.6 if args.quick else 2.0)
+        self.rounds = args.rounds or (1 if args.quick else 3)
         self.embed_runs = 15 if args.quick else 50
         self.tmp = tempfile.mkdtemp(prefix="blackhole-bench-")
         self.certs = self.find_certs()
-        self.results = {}  # row -> {target key: value}
+        self.results = {}  # row -> {target key: [value of each round]}
         self.rows = {g: [] for g in GROUPS}  # the rows of each group, in order
-        self.rss_growth, self.checks_ratio = {}, {}
+        self.rss_growth, self.checks_ratio = {}, {}  # key -> [value of each round]
 
     def find_certs(self):
         """The test suite's certificate, else a throwaway self-signed one."""
@@ -714,9 +719,14 @@ class Bench:
         return Running(target, options, self.tmp)
 
     def value(self, row, key="ours"):
-        """A measured number, or None."""
-        v = self.results.get(row, {}).get(key)
-        return v if isinstance(v, (int, float)) else None
+        """The median of a row's numbers over the rounds, or None."""
+        return median(self.results.get(row, {}).get(key, []))
+
+    def shown(self, row, key):
+        """What the table shows: the median, else the last text (an error)."""
+        values = self.results[row][key]
+        number = median(values)
+        return values[-1] if number is None else number
 
     def run(self, target, groups):
         for group in groups:
@@ -732,7 +742,7 @@ class Bench:
                 if name not in self.results:
                     self.results[name] = {}
                     self.rows[group].append(name)
-                self.results[name][target.key] = value
+                self.results[name].setdefault(target.key, []).append(value)
                 log("  %-12s %-58s %s" % (target.title, name, fmt(value)))
             log("  (%s took %.1fs)" % (group, time.monotonic() - started))
 
@@ -753,6 +763,15 @@ class Bench:
         log("  %s: best workers = %d" % (target.title, target.workers))
 
 
+def median(values):
+    """The median of the numbers among values, or None if there are none."""
+    numbers = sorted(v for v in values if isinstance(v, (int, float)))
+    if not numbers:
+        return None
+    middle = len(numbers) // 2
+    return numbers[middle] if len(numbers) % 2 else (numbers[middle - 1] + numbers[middle]) / 2
+
+
 def fmt(value):
     if value is None:
         return ""
@@ -766,7 +785,7 @@ def fmt(value):
 def ratio(bench, row, kuras):
     """How many times better ours is than kura's best on this row."""
     if row.startswith("sender_checks = count"):
-        r = bench.checks_ratio.get(row.split(", ", 1)[1])
+        r = median(bench.checks_ratio.get(row.split(", ", 1)[1], []))
         return "%.2f× off" % r if r else ""
     ours = bench.value(row)
     theirs = [bench.value(row, k) for k in kuras if bench.value(row, k) is not None]
@@ -788,9 +807,8 @@ def table(bench, targets):
         for row in bench.rows[group]:
             cells = []
             for key in heads:
-                values = bench.results[row]
-                if key in values:
-                    cells.append(fmt(values[key]))
+                if key in bench.results[row]:
+                    cells.append(fmt(bench.shown(row, key)))
                 elif key not in present:
                     cells.append("-")
                 elif present[key].problem:
@@ -833,17 +851,18 @@ def goals(bench, targets):
     if v:
         check("large 100 KB: %.0f MB/s (goal ≥ 250)" % v, v >= 250)
     if "ours" in bench.rss_growth:
-        g = bench.rss_growth["ours"]
+        g = median(bench.rss_growth["ours"])
         check("10 MB messages grow RSS by %.1f MB (goal < 5)" % g, g < 5)
     v = get(IDLE_ROW % "5,000")
     if v:
-        answered = bench.results[IDLE_ROW2 % "5,000"]["ours"].rsplit(" / ", 1)[1]
+        answered = bench.shown(IDLE_ROW2 % "5,000", "ours").rsplit(" / ", 1)[1]
         check("5,000 idle sessions: %.0f MB RSS, %s answered (goal < 150 MB, all)"
               % (v, answered), v < 150 and answered == "5000 of 5000")
     v = get(EMBED_ROW)
     if v:
         check("embed: %.2f ms median (goal < 5)" % v, v < 5)
-    for what, x in bench.checks_ratio.items():
+    for what, ratios in bench.checks_ratio.items():
+        x = median(ratios)
         check("sender_checks = count vs off, %s: %.3f (goal ≥ 0.95)"
               % (what.split(":")[0], x), x >= 0.95)
     return "\n".join(out)
@@ -882,6 +901,8 @@ def main():
                         help="scenario groups, comma-separated: " + ", ".join(GROUPS))
     parser.add_argument("--no-kura", action="store_true", help="skip kura/blackhole")
     parser.add_argument("--seconds", type=float, help="length of one measurement")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds over every target; the table shows medians")
     parser.add_argument("--blackhole", default=os.path.join(ROOT, "blackhole.py"),
                         help="the blackhole.py to measure")
     parser.add_argument("--no-smtp-source", action="store_true",
@@ -905,18 +926,21 @@ def main():
     log("load generator: %s" % (SMTP_SOURCE or "Python clients"))
     log("measurement: %.1fs each; scratch dir %s" % (bench.seconds, bench.tmp))
     try:
-        for target in targets:
-            if target.problem:
-                log("%s: skipped (%s)" % (target.title, target.problem))
-                continue
-            log("%s:" % target.title)
-            todo = list(groups)
-            if target.key != "ours":
-                if not [g for g in todo if g not in OURS_ONLY]:
+        for round_ in range(1, bench.rounds + 1):
+            for target in targets:
+                if target.problem:
+                    if round_ == 1:
+                        log("%s: skipped (%s)" % (target.title, target.problem))
                     continue
-                bench.pick_kura_workers(target, todo)
-                todo = [g for g in todo if g != "workers"]
-            bench.run(target, todo)
+                log("%s, round %d of %d:" % (target.title, round_, bench.rounds))
+                todo = list(groups)
+                if target.key != "ours":
+                    if not [g for g in todo if g not in OURS_ONLY]:
+                        continue
+                    if round_ == 1:     # its configuration stays the same after
+                        bench.pick_kura_workers(target, todo)
+                        todo = [g for g in todo if g != "workers"]
+                bench.run(target, todo)
     finally:
         shutil.rmtree(bench.tmp, ignore_errors=True)
 
@@ -926,7 +950,9 @@ def main():
     notes = ["load generator: " + (
         "Postfix smtp-source; pipelined, TLS and idle rows: Python clients" if SMTP_SOURCE
         else "Python clients on raw sockets"),
-        "%.1f s per measurement; ratio > 1 means ours is better" % bench.seconds]
+        "%.1f s per measurement; the median of %d round%s, the targets taking turns; "
+        "ratio > 1 means ours is better"
+        % (bench.seconds, bench.rounds, "s" if bench.rounds > 1 else "")]
     notes.append("ours: %s" % (targets[0].version or targets[0].problem))
     for t in targets[1:]:
         notes.append("%s: %s" % (t.title, t.problem or "workers = %d" % t.workers))
