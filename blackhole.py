@@ -2146,12 +2146,14 @@ class SMTPServer(socketserver.TCPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
 
-    def shutdown_request(self, request):
-        """Close the connection, then leave the registry that stop() joins:
-        a session is not over while its socket is still open."""
-        super().shutdown_request(request)
-        with self.shared.lock:
-            self.shared.sessions.pop(threading.current_thread(), None)
+    def process_request(self, request, client_address):
+        """Serve one session inline, then leave the registry (which a
+        session's setup() joins) once its socket is closed."""
+        try:
+            super().process_request(request, client_address)
+        finally:
+            with self.shared.lock:
+                self.shared.sessions.pop(threading.current_thread(), None)
 
     def handle_error(self, request, client_address):
         log.exception("error serving %s", client_address)
@@ -2207,6 +2209,7 @@ class _Parked:
 
     def wait(self, seconds, shared):
         """The next job, or None once nothing came for `seconds`."""
+        seconds = min(max(seconds, 0), threading.TIMEOUT_MAX)
         if not self.ready.acquire(timeout=seconds):
             with shared.lock:
                 if shared.idle.pop(threading.current_thread(), None) is self:
@@ -2217,16 +2220,22 @@ class _Parked:
 
 
 def _session_thread(shared, job):
-    """Serve one session, then wait for another while there is one."""
+    """Serve one session, then wait for another while there is one.
+
+    The thread leaves the registry that stop() joins only once the session's
+    socket is closed, and joins the idle table in the same step, so stop()
+    always finds it in one or the other."""
     me, parked = threading.current_thread(), None
     while job is not None:
         server, request, client_address = job
         try:
             server.process_request_thread(request, client_address)
-        finally:
+        except BaseException:
             with shared.lock:
                 shared.sessions.pop(me, None)
+            raise
         with shared.lock:
+            shared.sessions.pop(me, None)
             if shared.stopping.is_set() or len(shared.idle) >= server.max_idle:
                 return
             parked = parked or _Parked()

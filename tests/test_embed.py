@@ -149,6 +149,41 @@ class ThreadReuseTest(unittest.TestCase):
                 self.assertEqual(server.shared.idle, {})
                 self.session(server)        # and a new thread serves the next
 
+    def test_stop_joins_a_thread_ending_its_session(self):
+        # the thread has closed its socket and is about to wait for another
+        closed, go_on = threading.Event(), threading.Event()
+        close = blackhole.SMTPServer.shutdown_request
+
+        def slow_close(server, request):
+            close(server, request)
+            closed.set()
+            go_on.wait(TIMEOUT)
+
+        with mock.patch.object(blackhole.SMTPServer, "shutdown_request", slow_close):
+            server = blackhole.Server(hostname=HOST).start()
+            self.addCleanup(server.stop)
+            before = set(threading.enumerate())
+            self.session(server)
+            self.assertTrue(closed.wait(TIMEOUT))
+            session_thread, = set(threading.enumerate()) - before
+            # still where stop() looks, though its socket is closed
+            self.assertIn(session_thread, server.shared.sessions)
+            stopper = threading.Thread(target=server.stop)
+            stopper.start()
+            wait_until(server.shared.stopping.is_set, message="stop() to begin")
+            go_on.set()
+            stopper.join(TIMEOUT)
+            self.assertFalse(stopper.is_alive())
+            self.assertFalse(session_thread.is_alive())     # joined, not left behind
+            self.assertEqual(server.shared.idle, {})
+
+    def test_an_endless_idle_time_serves_and_stops(self):
+        with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", float("inf")):
+            with blackhole.Server(hostname=HOST) as server:
+                self.session(server)
+                self.parked(server, 1)
+                self.session(server)        # the waiting thread is alive and serves it
+
     def test_at_most_max_idle_threads_wait(self):
         with mock.patch.multiple(blackhole.ThreadingSMTPServer, idle_seconds=30, max_idle=2):
             with blackhole.Server(hostname=HOST) as server:
