@@ -2455,7 +2455,8 @@ class Server:
         self.servers, self.metrics = [], None
 
     def _close_sessions(self, grace):
-        """Wake every session blocked on a read; it says 421 and ends."""
+        """Wake every session blocked on a read (it says 421 and ends), then
+        end the threads waiting between sessions."""
         shared = self.shared
         with shared.lock:
             sessions = list(shared.sessions.items())
