@@ -5,6 +5,7 @@ size: threads and file descriptors return to where they started.
 """
 
 import base64
+import itertools
 import logging
 import os
 import random
@@ -67,6 +68,22 @@ def _recv_exactly(client, count):
         data += chunk
     data, client.buf = data[:count], data[count:]
     return data
+
+
+def _trickle(client, octets):
+    """Send octets one every 0.3 s, for at most 4 s, until the server answers;
+    returns when it started."""
+    started = time.monotonic()
+    for octet in octets:
+        if time.monotonic() - started > 4:
+            break
+        try:
+            client.send(bytes([octet]))
+        except OSError:
+            break
+        if select.select([client.sock], [], [], 0.3)[0]:
+            break
+    return started
 
 
 def _client_hello():
@@ -294,15 +311,7 @@ class TimeTest(_LeakCheck, ServerTestCase):
     @staticmethod
     def trickle(client):
         """One byte every 0.3 s, never a whole line, until the server answers."""
-        started = time.monotonic()
-        while time.monotonic() - started < 4:
-            try:
-                client.send(b"N")
-            except OSError:
-                break
-            if select.select([client.sock], [], [], 0.3)[0]:
-                break
-        return started
+        return _trickle(client, itertools.repeat(ord("N")))
 
     @staticmethod
     def mid_data(client):
@@ -338,17 +347,7 @@ class TimeTest(_LeakCheck, ServerTestCase):
 
     @staticmethod
     def tls_trickle(client):
-        started = time.monotonic()
-        for octet in _client_hello():
-            if time.monotonic() - started > 4:
-                break
-            try:
-                client.send(bytes([octet]))
-            except OSError:
-                break
-            if select.select([client.sock], [], [], 0.3)[0]:
-                break
-        return started
+        return _trickle(client, _client_hello())
 
     @staticmethod
     def starttls_silent(client):
