@@ -23,6 +23,7 @@ import binascii
 import collections
 import configparser
 import hashlib
+import io
 import ipaddress
 import itertools
 import logging
@@ -679,15 +680,16 @@ class SenderChecks:
 
     long_line = 998     # RFC 5322 2.1.1: octets of content per line
 
-    _BARE_CR = re.compile(rb"\r(?!\n)")      # regexes with a literal first
-    _BARE_LF = re.compile(rb"\n(?<!\r\n)")   # octet: a fast scan, no copy
-
     def __init__(self, eightbit_ok=False):
         self.found = set()
         self.eightbit_ok = eightbit_ok
         self.line_len = 0           # octets of the current, unfinished line
         self.pending_cr = False     # the last octet fed was a CR
         self.header = _HeaderScan()
+        # io's C newline decoder notes which endings it saw (CR, LF, CRLF)
+        # in one pass over the text, and holds back a CR that ends one
+        # segment until the next: both bare checks for the cost of one.
+        self.endings = io.IncrementalNewlineDecoder(None, False)
 
     def feed(self, seg):
         """Check one segment of message content."""
@@ -701,23 +703,20 @@ class SenderChecks:
         prev_cr = self.pending_cr
         self.pending_cr = seg[-1] == 13
         if "bare_lf" not in found or "bare_cr" not in found:
-            self._line_endings(seg, prev_cr)
+            self._line_endings(seg)
         if "long_line" not in found:
             self._line_lengths(seg, prev_cr)
 
-    def _line_endings(self, seg, prev_cr):
-        """A CR carried over from the last segment ends a line only if this
-        one starts with LF; a CR ending this one waits for the next."""
-        found, lf_first = self.found, seg[0] == 10
-        if prev_cr and not lf_first:
-            found.add("bare_cr")
-        if lf_first and not prev_cr:
-            found.add("bare_lf")
-        if "bare_cr" not in found and self._BARE_CR.search(
-                seg, 0, len(seg) - self.pending_cr):
-            found.add("bare_cr")
-        if "bare_lf" not in found and self._BARE_LF.search(seg, 1):
-            found.add("bare_lf")
+    def _line_endings(self, seg):
+        endings = self.endings
+        endings.decode(seg.decode("latin-1"))
+        seen = endings.newlines         # None, one ending, or a tuple of them
+        if seen is not None and seen != "\r\n":
+            seen = (seen,) if isinstance(seen, str) else seen
+            if "\r" in seen:
+                self.found.add("bare_cr")
+            if "\n" in seen:
+                self.found.add("bare_lf")
 
     def _line_lengths(self, seg, prev_cr):
         limit, size = self.long_line, len(seg)
