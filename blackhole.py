@@ -1241,21 +1241,37 @@ def _feed(checks, header):
 
 
 _LF_DOT = re.compile(rb"\n\.")
+_DOT_GAP = 512          # octets per dot below which a regex beats memchr hops
+_DOT_STRETCH = 8192     # how far the regex searches before hops resume
 
 
 def _find_line_dot(window, start):
     """The index of the LF before the first line-leading dot at or after
-    start, or -1.  A few memchr hops from dot to dot usually settle it
-    (generated bodies have few dots); text with many dots falls back to a
-    regex search for LF-dot, twice as fast as bytes.find's for two octets."""
-    find = window.find
-    for _ in range(4):
+    start, or -1.
+
+    memchr hops from dot to dot settle it while dots are sparse (a
+    generated body, base64).  Where they come more often than every
+    `_DOT_GAP` octets (prose, a header full of host names), a regex search
+    for LF-dot takes the next `_DOT_STRETCH` octets; it is twice as fast
+    as bytes.find's for two octets, and slower than memchr on sparse dots.
+    """
+    find, first, hops = window.find, start, 0
+    while True:
         dot = find(b".", start)
-        if dot < 0 or window[dot - 1] == 10:
-            return dot - 1 if dot >= 0 else -1
-        start = dot + 1
-    match = _LF_DOT.search(window, start)
-    return match.start() if match else -1
+        if dot < 0:
+            return -1
+        if window[dot - 1] == 10:
+            return dot - 1
+        start, hops = dot + 1, hops + 1
+        if hops > 8 and start - first < hops * _DOT_GAP:
+            stop = start + _DOT_STRETCH
+            match = _LF_DOT.search(window, start, stop)
+            if match:
+                return match.start()
+            if stop >= len(window):
+                return -1
+            start = first = stop - 1    # an LF there may begin LF-dot
+            hops = 0
 
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))

@@ -5,6 +5,7 @@ smuggling and malformed input.
 """
 
 import base64
+import random
 import re
 import smtplib
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 import unittest
 
+import blackhole
 from tests.support import CERT, KEY, TIMEOUT, RawClient, ServerTestCase, wait_until
 
 OK = b"250 2.0.0 OK\r\n"
@@ -443,6 +445,39 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.reply(), TOO_BIG)
         self.assertEqual(raw.cmd(b"NOOP"), OK)
         self.assertEqual(server.stats["messages_too_big"], 2)
+
+
+class LineDotSearchTest(unittest.TestCase):
+    """The DATA reader's search for line-leading dots hops with memchr over
+    sparse dots and hands dense stretches to a regex: whatever the mix, it
+    finds what bytes.find(b"\\n.") finds."""
+
+    def all_hits(self, find, window):
+        hits, pos = [], 2
+        while True:
+            hit = find(window, pos)
+            if hit < 0:
+                return hits
+            hits.append(hit)
+            pos = hit + 2
+
+    def test_same_hits_as_bytes_find(self):
+        rnd = random.Random(6)
+        pieces = [b"Mr. Smith went to Washington. He saw it.\r\n", b"x" * 700 + b".",
+                  b"a.b.c.d\r\n", b"\r\n.stuffed\r\n", b"\r\n", b"\n.", b"\r\n..\r\n"]
+        weights = [40, 8, 10, 1, 5, 1, 1]
+        for _ in range(60):
+            window = b"\r\n" + b"".join(rnd.choices(pieces, weights, k=rnd.randrange(1, 800)))
+            expected = self.all_hits(lambda w, pos: w.find(b"\n.", pos), window)
+            self.assertEqual(self.all_hits(blackhole._find_line_dot, window), expected)
+
+    def test_a_line_dot_at_each_offset_past_a_dense_stretch(self):
+        dense = b"\r\n" + b"a.b.c.d.e.f.g.h.i.j\r\n" * 600      # 13 KB, no line dot
+        for at in range(blackhole._DOT_STRETCH - 40, blackhole._DOT_STRETCH + 40):
+            window = dense[:at] + b"\n." + dense[at:]
+            with self.subTest(at=at):
+                self.assertEqual(blackhole._find_line_dot(window, 2), window.find(b"\n.", 2))
+        self.assertEqual(blackhole._find_line_dot(dense, 2), -1)
 
 
 class FailureInjectionTest(ServerTestCase):
