@@ -697,19 +697,21 @@ class SenderChecks:
             return
         found = self.found
         self.header.feed(seg)
-        if not self.eightbit_ok and not seg.isascii():
+        text = None
+        if "bare_lf" not in found or "bare_cr" not in found:
+            text = seg.decode("latin-1")
+            self._line_endings(text)
+        if not self.eightbit_ok and not (text or seg).isascii():   # a str knows at once
             found.add("8bit_without_8bitmime")
             self.eightbit_ok = True
         prev_cr = self.pending_cr
         self.pending_cr = seg[-1] == 13
-        if "bare_lf" not in found or "bare_cr" not in found:
-            self._line_endings(seg)
         if "long_line" not in found:
             self._line_lengths(seg, prev_cr)
 
-    def _line_endings(self, seg):
+    def _line_endings(self, text):
         endings = self.endings
-        endings.decode(seg.decode("latin-1"))
+        endings.decode(text)
         seen = endings.newlines         # None, one ending, or a tuple of them
         if seen is not None and seen != "\r\n":
             seen = (seen,) if isinstance(seen, str) else seen
@@ -799,10 +801,12 @@ class _HeaderScan:
             return
         buf = self.buf
         if len(buf) == 1:               # the first segment: the usual whole header
-            data = b"\n" + seg
-            end = _empty_line(data)
+            if seg[:1] == b"\n" or seg[:2] == b"\r\n":
+                self._end(b"\n")        # the first line is empty: no header
+                return
+            end = _empty_line(seg)
             if end >= 0:
-                self._end(data[:end + 1])
+                self._end(b"\n" + seg[:end + 1])
                 return
         else:
             tail = bytes(buf[-2:])
@@ -1812,7 +1816,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         Finds line-leading dots with bytes.find (_find_line_dot); the end is
         CRLF.CRLF, or LF.LF after a bare LF, never a mix (no SMTP
         smuggling).  Content is counted and fed to the checks, and kept
-        only when `parts` is a list.
+        only when `parts` is a list.  A block read mid-line is searched as
+        it came, without a copy; only a dot or LF at its start needs the
+        two octets before it.
         """
         limit, feed = self.config.max_message_size, _feed(checks, header)
         window = (b"\r\n" if self._last_crlf else b"\0\n") + self._buf[self._pos:]
@@ -1836,8 +1842,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 data = self._recv()
                 if b"\n" in data:
                     self._start_clock()
-                window = window[end - 2:] + data
-                pos = 2
+                if hit < 0 and len(data) > 1 and data[0] != 10 and data[0] != 46:
+                    window, pos = data, 0       # nothing to carry over: no copy
+                else:
+                    window, pos = window[end - 2:] + data, 2
                 continue
             after = window[hit + 2]
             if crlf and after == 13 and window[hit + 3] == 10:
