@@ -1535,12 +1535,11 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def reply(self, code, *lines):
         """Queue a reply; the last line uses a space, the others a dash."""
-        if len(lines) == 1:
-            text = "%d %s\r\n" % (code, lines[0])
+        if len(lines) <= 1:
+            text = "%d %s\r\n" % (code, lines[0] if lines else "")
         else:
-            lines = lines or ("",)
-            text = "".join("%d-%s\r\n" % (code, line) for line in lines[:-1]) + \
-                "%d %s\r\n" % (code, lines[-1])
+            text = "%d-%s\r\n%d %s\r\n" % (
+                code, ("\r\n%d-" % code).join(lines[:-1]), code, lines[-1])
         if self._debug:
             for line in text.splitlines():
                 log.debug("%s < %s", self.peer, line)
