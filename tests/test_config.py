@@ -200,9 +200,9 @@ class ConfigTest(unittest.TestCase):
             tls_cert=None, tls_key=None, tls_dhparams=None, starttls=False,
             hostname="bh.test", user=None, group=None, pidfile=None, timeout=60,
             delay=(0, 0), mode="accept", max_message_size=512000, dynamic_switch=True,
-            workers=1, max_connections=1000, strict=False, metrics_listen=None,
-            greylist=0, max_connections_per_ip=0, rate_limit=None, seed=None,
-            sender_checks="count", source="<options>",
+            workers=1, pin_cpu=True, max_connections=1000, strict=False,
+            metrics_listen=None, greylist=0, max_connections_per_ip=0, rate_limit=None,
+            seed=None, sender_checks="count", source="<options>",
             proxy_trusted=(ipaddress.ip_network("127.0.0.0/8"),
                            ipaddress.ip_network("::1/128")))
         for name, value in expected.items():
@@ -225,7 +225,7 @@ class ConfigTest(unittest.TestCase):
             tls_cert=CERT, tls_key=KEY, tls_dhparams=DHPARAMS, starttls="no",
             hostname="mail.example.com", user=user, group=group, pidfile="/tmp/bh.pid",
             timeout="30", delay="1-5", mode="Random", max_message_size="1000",
-            dynamic_switch="off", workers="4", max_connections="10", strict="yes",
+            dynamic_switch="off", workers="4", pin_cpu="no", max_connections="10", strict="yes",
             metrics_listen="127.0.0.1:9025", greylist="300", max_connections_per_ip="3",
             rate_limit="10/1.5", seed="-42", sender_checks="Refuse",
             proxy_trusted="10.0.0.0/8")
@@ -233,7 +233,7 @@ class ConfigTest(unittest.TestCase):
             tls_cert=CERT, tls_key=KEY, tls_dhparams=DHPARAMS, starttls=False,
             hostname="mail.example.com", user=user, group=group, pidfile="/tmp/bh.pid",
             timeout=30, delay=(1, 5), mode="random", max_message_size=1000,
-            dynamic_switch=False, workers=4, max_connections=10, strict=True,
+            dynamic_switch=False, workers=4, pin_cpu=False, max_connections=10, strict=True,
             metrics_listen=("127.0.0.1", 9025), greylist=300, max_connections_per_ip=3,
             rate_limit=(10, 1.5), seed=-42, sender_checks="refuse",
             proxy_trusted=(ipaddress.ip_network("10.0.0.0/8"),))
@@ -323,6 +323,7 @@ class ConfigTest(unittest.TestCase):
             (dict(max_message_size="big"), "max_message_size = big: must be a whole number"),
             (dict(dynamic_switch="perhaps"),
              "dynamic_switch = perhaps: must be true or false (yes/no, on/off, 1/0)"),
+            (dict(pin_cpu="2"), "pin_cpu = 2: must be true or false (yes/no, on/off, 1/0)"),
             (dict(workers="0"), "workers = 0: must be between 1 and 256"),
             (dict(workers="many"), "workers = many: must be a whole number"),
             (dict(max_connections="0"), "max_connections = 0: must be 1 or more"),
@@ -454,7 +455,7 @@ class ConfigFileTest(unittest.TestCase):
             tls_cert=CERT, tls_key=KEY, tls_dhparams=DHPARAMS, starttls="off",
             hostname="bh.test", user=user, group=group, pidfile="/tmp/bh.pid",
             timeout="0", delay="0-60", mode="bounce", max_message_size="2048",
-            dynamic_switch="0", workers="2", max_connections="50", strict="on",
+            dynamic_switch="0", workers="2", pin_cpu="off", max_connections="50", strict="on",
             metrics_listen="[::1]:9025", greylist="60", max_connections_per_ip="5",
             rate_limit="3/0.25", seed="7", sender_checks="off",
             proxy_trusted="192.0.2.0/24, 2001:db8::/32")
@@ -464,7 +465,8 @@ class ConfigFileTest(unittest.TestCase):
             tls_cert=CERT, tls_key=KEY, tls_dhparams=DHPARAMS, starttls=False,
             hostname="bh.test", user=user, group=group, pidfile="/tmp/bh.pid", timeout=0,
             delay=(0, 60), mode="bounce", max_message_size=2048, dynamic_switch=False,
-            workers=2, max_connections=50, strict=True, metrics_listen=("::1", 9025),
+            workers=2, pin_cpu=False, max_connections=50, strict=True,
+            metrics_listen=("::1", 9025),
             greylist=60, max_connections_per_ip=5, rate_limit=(3, 0.25), seed=7,
             sender_checks="off", proxy_trusted=(ipaddress.ip_network("192.0.2.0/24"),
                                                 ipaddress.ip_network("2001:db8::/32")))

@@ -533,6 +533,61 @@ class WorkersTest(ProcessTestCase):
         self.assertEqual(values, samples)
 
 
+ALLOWED_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
+def thread_cpus(pid):
+    """{thread id: the CPUs it may run on} for every live thread of pid."""
+    cpus = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            cpus[int(tid)] = frozenset(os.sched_getaffinity(int(tid)))
+        except ProcessLookupError:      # a thread that just ended
+            pass
+    return cpus
+
+
+@unittest.skipUnless(len(ALLOWED_CPUS) >= 2 and hasattr(os, "sched_setaffinity"),
+                     "pinning needs Linux and two CPUs this process may use")
+class PinCpuTest(ProcessTestCase):
+    """pin_cpu: every thread of a process on one CPU, workers on different ones."""
+
+    def pinned(self, pid):
+        """The one CPU every thread of pid is kept on."""
+        cpus = set(thread_cpus(pid).values())
+        self.assertEqual(len(cpus), 1, cpus)
+        (cpu,) = cpus
+        self.assertEqual(len(cpu), 1, cpu)
+        self.assertLessEqual(cpu, ALLOWED_CPUS)
+        return next(iter(cpu))
+
+    def test_one_process_keeps_its_threads_on_one_cpu(self):
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\n" % port, "-q")
+        self.serving(proc, log, port)
+        client = smtp(self, port)       # a session thread exists now
+        self.assertEqual(client.noop(), (250, b"2.0.0 OK"))
+        self.assertGreaterEqual(len(thread_cpus(proc.pid)), 3)
+        self.pinned(proc.pid)
+        client.quit()
+
+    def test_workers_on_different_cpus(self):
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n" % port, "-q")
+        self.serving(proc, log, port)
+        workers = self.workers_of(proc)
+        wait_until(lambda: all(len(thread_cpus(pid)) >= 2 for pid in workers),
+                   message="the workers' accept threads")
+        self.assertEqual(len({self.pinned(pid) for pid in workers}), 2)
+        self.assertEqual(set(thread_cpus(proc.pid).values()), {frozenset(ALLOWED_CPUS)})
+
+    def test_off(self):
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\npin_cpu = no\n" % port, "-q")
+        self.serving(proc, log, port)
+        self.assertEqual(set(thread_cpus(proc.pid).values()), {frozenset(ALLOWED_CPUS)})
+
+
 class PrivilegesTest(ProcessTestCase):
     """Bind, then drop to user/group (SPEC 7)."""
 
