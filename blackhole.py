@@ -377,7 +377,8 @@ OPTIONS = {
                        parse_bool),
     "workers": ("N", "1", "worker processes (N > 1: a supervisor forks N)",
                 lambda text: _parse_int(text, 1, 256)),
-    "pin_cpu": ("BOOL", "true", "keep each process's threads on one CPU (Linux)",
+    "pin_cpu": ("BOOL", "true",
+                "keep a worker's (or the one process's) threads on one CPU (Linux)",
                 parse_bool),
     "max_connections": ("N", "1000", "concurrent sessions per process",
                         lambda text: _parse_int(text, 1)),
@@ -2728,35 +2729,35 @@ class _Signals:
             pass
 
 
-def _pin_cpu(index=None):
-    """pin_cpu: keep this process's threads on one CPU; the CPU, or None.
+def _cpus_to_pin(count):
+    """pin_cpu: the CPU for each of `count` processes, or None to leave
+    them to the scheduler.
 
     A CPython process runs one thread's Python at a time.  When its threads
     hand the GIL to each other across CPUs, each hand-over wakes another
     CPU and makes the thread that gave it up wait to get it back: at 50
-    sessions that took as much CPU as the sessions' own work.  On one CPU
-    a thread keeps the GIL until it blocks.  Worker `index` takes the
-    index-th CPU this process may use, a single process the one it runs
-    on.  Call it before any thread starts: threads inherit it.  Linux only.
+    sessions on 2 CPUs that doubled the CPU per message.  On one CPU a
+    thread keeps the GIL until it blocks.  Workers take the CPUs this
+    process may use in order, a single process the one it runs on; more
+    workers than CPUs, a free-threaded build or one CPU: no pinning.
+    Linux only (os.sched_setaffinity).
     """
-    if not hasattr(os, "sched_setaffinity"):
+    if not hasattr(os, "sched_setaffinity") or \
+            not getattr(sys, "_is_gil_enabled", lambda: True)():
         return None
-    allowed = sorted(os.sched_getaffinity(0))
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except OSError:
+        return None
     if len(allowed) < 2:
         return None
-    if index is not None:
-        cpu = allowed[index % len(allowed)]
-    else:
-        cpu = _current_cpu()
-        if cpu not in allowed:
-            cpu = allowed[0]
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as exc:          # a cpuset that changed under us
-        log.debug("pin_cpu: CPU %d: %s", cpu, exc)
+    if count > len(allowed):
+        log.info("pin_cpu: %d workers on %d CPUs: left to the scheduler", count, len(allowed))
         return None
-    log.debug("threads kept on CPU %d (pin_cpu)", cpu)
-    return cpu
+    if count == 1:
+        cpu = _current_cpu()
+        return [cpu if cpu in allowed else allowed[0]]
+    return allowed[:count]
 
 
 def _current_cpu():
@@ -2768,11 +2769,22 @@ def _current_cpu():
         return None
 
 
+def _pin(cpu):
+    """Keep this thread, and every thread it starts from now on, on cpu."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:          # a cpuset that changed under us
+        log.info("pin_cpu: cannot keep threads on CPU %d: %s", cpu, exc)
+        return
+    log.debug("threads kept on CPU %d (pin_cpu)", cpu)
+
+
 def _run(server, signals=None):
     """Serve in this process until SIGTERM or SIGINT."""
     signals = signals or _Signals()
-    if server.config.pin_cpu:
-        _pin_cpu()
+    cpus = _cpus_to_pin(1) if server.config.pin_cpu else None
+    if cpus:
+        _pin(cpus[0])               # before any thread starts: they inherit it
     server.start()
     try:
         while not signals.stop:
@@ -2794,6 +2806,7 @@ def _supervise(server, signals=None):
     signals = signals or _Signals()
     watch_read, watch_write = os.pipe()
     workers, starts, backoff = {}, {}, [0.0] * count
+    cpus = _cpus_to_pin(count) if server.config.pin_cpu else None
     due = {i: 0.0 for i in range(count)}
 
     def spawn(index):
@@ -2806,7 +2819,8 @@ def _supervise(server, signals=None):
                 os.close(watch_write)
                 if metrics:         # the supervisor's, once it serves
                     metrics._close_after_fork()
-                _worker(server, slots[index], watch_read, mask, signals, index)
+                _worker(server, slots[index], watch_read, mask, signals,
+                        cpus[index] if cpus else None)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -2886,10 +2900,10 @@ def _kill(pid, sig):
         pass
 
 
-def _worker(server, stats, watch_fd, mask=None, parent_signals=None, index=None):
+def _worker(server, stats, watch_fd, mask=None, parent_signals=None, cpu=None):
     """One worker: serve the inherited listeners until told or orphaned."""
-    if server.config.pin_cpu and index is not None:
-        _pin_cpu(index)
+    if cpu is not None:
+        _pin(cpu)                   # before its threads start: they inherit it
     for sig in ("SIGCHLD", "SIGUSR1"):
         if hasattr(signal, sig):
             signal.signal(getattr(signal, sig), signal.SIG_DFL)

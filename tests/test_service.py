@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import unittest
+from unittest import mock
 
 import blackhole
 from tests.support import HOST, ROOT, ServerTestCase, TIMEOUT, free_port, kill_group, run_cli, \
@@ -531,6 +532,47 @@ class WorkersTest(ProcessTestCase):
         values = {metric_name(k): int(v) for k, v in
                   (item.split("=") for item in lines[0].split()[2:])}
         self.assertEqual(values, samples)
+
+
+class CpuChoiceTest(unittest.TestCase):
+    """Which CPU pin_cpu picks for each process (_cpus_to_pin, _current_cpu)."""
+
+    def choose(self, count, allowed, current=None, gil=True):
+        with mock.patch.object(os, "sched_setaffinity", create=True), \
+                mock.patch.object(os, "sched_getaffinity", lambda pid: set(allowed),
+                                  create=True), \
+                mock.patch.object(blackhole, "_current_cpu", lambda: current), \
+                mock.patch.object(sys, "_is_gil_enabled", lambda: gil, create=True):
+            return blackhole._cpus_to_pin(count)
+
+    def test_workers_take_the_allowed_cpus_in_order(self):
+        self.assertEqual(self.choose(2, {5, 1, 3}), [1, 3])
+        self.assertEqual(self.choose(3, {5, 1, 3}), [1, 3, 5])
+
+    def test_one_process_stays_where_it_runs(self):
+        self.assertEqual(self.choose(1, {0, 1, 2, 3}, current=2), [2])
+        self.assertEqual(self.choose(1, {4, 6}, current=1), [4])     # not allowed
+        self.assertEqual(self.choose(1, {4, 6}, current=None), [4])  # unknown
+
+    def test_no_pinning(self):
+        with self.assertLogs("blackhole", "INFO") as logs:
+            self.assertIsNone(self.choose(3, {0, 1}))
+        self.assertEqual(logs.output,
+                         ["INFO:blackhole:pin_cpu: 3 workers on 2 CPUs: left to the scheduler"])
+        self.assertIsNone(self.choose(1, {7}))                      # one CPU allowed
+        self.assertIsNone(self.choose(1, {0, 1}, gil=False))        # free-threaded
+        with mock.patch.object(os, "sched_getaffinity", side_effect=OSError(38, "ENOSYS"),
+                               create=True), \
+                mock.patch.object(os, "sched_setaffinity", create=True):
+            self.assertIsNone(blackhole._cpus_to_pin(1))
+
+    def test_current_cpu_from_proc_stat(self):
+        # the command name may hold spaces and parentheses
+        stat = b"42 (a) b ) 9) S " + b" ".join(b"%d" % n for n in range(4, 39)) + b" 7 0 0\n"
+        with mock.patch("builtins.open", mock.mock_open(read_data=stat)):
+            self.assertEqual(blackhole._current_cpu(), 7)
+        with mock.patch("builtins.open", side_effect=FileNotFoundError):
+            self.assertIsNone(blackhole._current_cpu())
 
 
 ALLOWED_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
