@@ -292,25 +292,23 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.reply(), b"502 5.5.3 Too many unknown commands\r\n")
         self.assertTrue(raw.closed())
 
-    def test_dot_unstuffing_and_size(self):
-        content = (b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\nmiddle . dot\r\n"
-                   b"...three\r\n.\r\nend\r\n")
-        raw = self.raw()
-        self.assertRegex(transaction(raw, stuff(content)), ACCEPTED)
+    def assert_unstuffed(self, content):
+        """Send content dot-stuffed; the server keeps it as it was."""
+        self.assertRegex(transaction(self.raw(), stuff(content)), ACCEPTED)
         env, = self.server.wait_for(1)
         self.assertEqual(env.data, content)
         self.assertEqual(env.size, len(content))
+
+    def test_dot_unstuffing_and_size(self):
+        content = (b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\nmiddle . dot\r\n"
+                   b"...three\r\n.\r\nend\r\n")
+        self.assert_unstuffed(content)
         self.assertEqual(self.server.stats["bytes_received"], len(content))
 
     def test_dot_unstuffing_after_many_inner_dots(self):
         # more dots inside lines than the reader hops over before its regex
-        content = (b"Message-Id: <a.b.c.d.e.f@example.com>\r\n\r\nv1.2.3.4.5\r\n"
-                   b".stuffed\r\nx.y.z.w\r\n..\r\nend.\r\n")
-        raw = self.raw()
-        self.assertRegex(transaction(raw, stuff(content)), ACCEPTED)
-        env, = self.server.wait_for(1)
-        self.assertEqual(env.data, content)
-        self.assertEqual(env.size, len(content))
+        self.assert_unstuffed(b"Message-Id: <a.b.c.d.e.f@example.com>\r\n\r\nv1.2.3.4.5\r\n"
+                              b".stuffed\r\nx.y.z.w\r\n..\r\nend.\r\n")
 
     def test_smuggling_lf_dot_crlf_is_data(self):
         smuggled = (b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\n"
