@@ -614,7 +614,8 @@ def parse_path(arg, keyword, strict=False):
         return None
     match = _PATH_RE.match(rest)
     if match:
-        return match.group(1), match.group(2).strip()
+        address, params = match.groups()
+        return address, params.strip()
     if strict:
         return None
     words = rest.split(None, 1)
@@ -844,11 +845,13 @@ class _HeaderScan:
         self.done, self.buf = True, None
 
     def _scan(self, block):
+        # find, not `in`: bytes `in` first tries its operand as an int and
+        # builds the TypeError it raises (2-9x slower on 3.11-3.13)
         lower = block.lower()
-        self.has_date = self.has_date or b"\ndate:" in lower
-        self.has_from = self.has_from or b"\nfrom:" in lower
-        self.has_message_id = self.has_message_id or b"\nmessage-id:" in lower
-        if b"\nx-blackhole-" in lower:
+        self.has_date = self.has_date or lower.find(b"\ndate:") >= 0
+        self.has_from = self.has_from or lower.find(b"\nfrom:") >= 0
+        self.has_message_id = self.has_message_id or lower.find(b"\nmessage-id:") >= 0
+        if lower.find(b"\nx-blackhole-") >= 0:
             for name in ("mode", "delay"):
                 at = lower.find(b"\nx-blackhole-%s:" % name.encode())
                 if at >= 0:
@@ -1164,7 +1167,7 @@ class _Shared:
         self.keep_data = bool(capture or on_message)
 
     def message_id(self):
-        return "<%s.%d@%s>" % (self.id_prefix, next(self.ids), self.config.hostname)
+        return f"<{self.id_prefix}.{next(self.ids)}@{self.config.hostname}>"
 
     def greylist(self, period):
         with self.lock:
@@ -1519,30 +1522,31 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self._pos = end + 1
             return buf[pos:end + 1]
         buf = buf[pos:]
+        if end >= 0:
+            end -= pos
         self._start_clock()
         too_long = False
-        while True:
-            end = buf.find(b"\n")
-            if end >= 0 and not too_long and end < limit:
-                break
+        while end < 0 or too_long or end >= limit:
             if end >= 0:        # the end of an overlong line
                 self._buf, self._pos = buf[end + 1:], 0
                 self.deadline = None
                 return _TOO_LONG
             if len(buf) > limit:
                 too_long, buf = True, b""
+            start = len(buf)
             buf += self._recv()
+            end = buf.find(b"\n", start)
         self._buf, self._pos = buf, end + 1
         self.deadline = None
         return buf[:end + 1]
 
     def reply(self, code, *lines):
         """Queue a reply; the last line uses a space, the others a dash."""
-        if len(lines) <= 1:
-            text = "%d %s\r\n" % (code, lines[0] if lines else "")
+        if len(lines) <= 1:     # f-strings: a third of the cost of % on 3.11
+            text = f"{code} {lines[0] if lines else ''}\r\n"
         else:
-            text = "%d-%s\r\n%d %s\r\n" % (
-                code, ("\r\n%d-" % code).join(lines[:-1]), code, lines[-1])
+            dash = f"\r\n{code}-"
+            text = f"{code}-{dash.join(lines[:-1])}\r\n{code} {lines[-1]}\r\n"
         if self._debug:
             for line in text.splitlines():
                 log.debug("%s < %s", self.peer, line)
@@ -1654,7 +1658,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if path is None:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["MAIL"])
         address, params = path[0], parse_params(path[1])
-        self._check_params(params, _MAIL_PARAMS)
+        if strict:
+            self._check_params(params, _MAIL_PARAMS)
         size = params.get("SIZE")
         if isinstance(size, str) and size.isascii() and size.isdigit() and \
                 (len(size) > 20 or int(size) > self.config.max_message_size):
@@ -1685,7 +1690,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if path is None:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
         address = path[0]
-        self._check_params(parse_params(path[1]), _RCPT_PARAMS)
+        if self.config.strict:
+            self._check_params(parse_params(path[1]), _RCPT_PARAMS)
         if len(env.rcpt_tos) >= self.max_recipients:
             raise SMTPError(452, "4.5.3 Too many recipients")
         env.utf8_address = env.utf8_address or not address.isascii()
@@ -1706,11 +1712,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         env.rcpt_plans.append(plan)
         self.reply(250, "2.1.5 OK")
 
-    def _check_params(self, params, known):
-        if self.config.strict:
-            for name in params:
-                if name not in known:
-                    raise SMTPError(555, "5.5.4 Unsupported parameter: %s" % _printable(name))
+    @staticmethod
+    def _check_params(params, known):
+        """Strict mode refuses parameters the verb does not define."""
+        for name in params:
+            if name not in known:
+                raise SMTPError(555, "5.5.4 Unsupported parameter: %s" % _printable(name))
 
     def _check_recipients(self):
         """DATA and BDAT need a recipient (4.4, 4.7)."""
@@ -1842,7 +1849,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 parts = None            # too big: counted, no longer kept
             if hit < 0 or len(window) < hit + 3 + crlf:  # the dot's line goes on
                 data = self._recv()
-                if b"\n" in data:
+                if data.find(b"\n") >= 0:
                     self._start_clock()
                 if hit < 0 and len(data) > 1 and data[0] != 10 and data[0] != 46:
                     window, pos = data, 0       # nothing to carry over: no copy
@@ -1903,7 +1910,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             shared.deliver(env)
             self._flush()           # earlier pipelined commands keep their replies (4.6)
             raise _Disconnect("drop requested by address")
-        env.reply = "%d %s" % (code, text)
+        env.reply = f"{code} {text}"
         self.reply(code, text)
         shared.deliver(env)
         self.reset()
@@ -1942,7 +1949,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def _mode_reply(self, mode, rng):
         if mode == "accept" or (mode == "random" and rng.randrange(11) == 0):
-            return 250, "2.0.0 OK: queued as %s" % self.shared.message_id()
+            return 250, f"2.0.0 OK: queued as {self.shared.message_id()}"
         code = rng.choice(_BOUNCE_CODES)
         return code, BOUNCES[code]
 
