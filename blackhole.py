@@ -1517,13 +1517,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         `limit` octets is discarded as it arrives, never buffered.
         """
         buf, pos = self._buf, self._pos
-        end = buf.find(b"\n", pos)
-        if 0 <= end < pos + limit:
-            self._pos = end + 1
-            return buf[pos:end + 1]
-        buf = buf[pos:]
-        if end >= 0:
-            end -= pos
+        if pos < len(buf):      # pipelined: the line may be here already
+            end = buf.find(b"\n", pos)
+            if 0 <= end < pos + limit:
+                self._pos = end + 1
+                return buf[pos:end + 1]
+            buf, end = buf[pos:], end - pos if end >= 0 else -1
+        else:                   # the usual: a client awaiting each reply
+            buf, end = b"", -1
         self._start_clock()
         too_long = False
         while end < 0 or too_long or end >= limit:
