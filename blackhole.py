@@ -1522,7 +1522,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if 0 <= end < pos + limit:
                 self._pos = end + 1
                 return buf[pos:end + 1]
-            buf, end = buf[pos:], end - pos if end >= 0 else -1
+            buf, end = buf[pos:], (end - pos if end >= 0 else -1)
         else:                   # the usual: a client awaiting each reply
             buf, end = b"", -1
         self._start_clock()
@@ -1684,14 +1684,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reply(250, "2.1.0 OK")
 
     def smtp_RCPT(self, arg):
-        env = self.envelope
-        if self.config.strict and env.mail_from is None:
+        strict, env = self.config.strict, self.envelope
+        if strict and env.mail_from is None:
             raise SMTPError(503, "5.5.1 Bad sequence of commands")
-        path = parse_path(arg, "TO", self.config.strict)
+        path = parse_path(arg, "TO", strict)
         if path is None:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
         address = path[0]
-        if self.config.strict:
+        if strict:
             self._check_params(parse_params(path[1]), _RCPT_PARAMS)
         if len(env.rcpt_tos) >= self.max_recipients:
             raise SMTPError(452, "4.5.3 Too many recipients")

@@ -37,8 +37,8 @@ kura's best `workers` setting (1 or 2, whichever is faster on the
 
 Two figures put the goals in scale. The floor sink (class Floor) is a
 thread-per-session server like ours that parses nothing and answers from
-constants; its "small, reused, 50 sessions" figure, under the table, is the
-most any server of this design does on the machine. The workers row
+constants; its "small, reused, 50 sessions" figure, under the table, is a
+fair estimate of the most a server of this design does on the machine. The workers row
 measures the CPU time per message of ours and of the load generator, which
 share the machine: all CPUs busy, two workers do at most CPUs / (both per
 message) messages a second, shown next to the workers goal.
@@ -202,7 +202,8 @@ class Running:
         for p in self.pids():
             try:
                 with open("/proc/%d/stat" % p) as f:
-                    ticks += sum(int(v) for v in f.read().rsplit(")", 1)[1].split()[11:13])
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])     # utime, stime
             except (OSError, IndexError, ValueError):
                 pass
         return ticks / os.sysconf("SC_CLK_TCK")
@@ -522,11 +523,11 @@ def scenario_workers(bench, target):
     rows = {}
     for workers in (1, 2):
         with bench.server(target, workers=workers) as srv:
-            server, client = srv.cpu_seconds(), children_cpu_seconds()
+            server0, client0 = srv.cpu_seconds(), children_cpu_seconds()
             n, s = load(srv.port, 50, SMALL, bench.seconds)
-            server, client = srv.cpu_seconds() - server, children_cpu_seconds() - client
+            server, client = srv.cpu_seconds() - server0, children_cpu_seconds() - client0
         rows[WORKERS_ROW % workers] = n / s
-        if target.key == "ours" and workers == 1 and n:
+        if target.key == "ours" and workers == 1 and n and server + client > 0:
             bench.cpu_per_message.append((server / n, client / n))
     return rows
 
@@ -542,9 +543,12 @@ def scenario_small(bench, target):
                  % (sessions, "s" if sessions > 1 else "")] = n / s
             time.sleep(0.2)
     if target.key == "ours":
-        with bench.server(FLOOR) as srv:
-            n, s = load(srv.port, 50, SMALL, bench.seconds)
-        bench.floor.append(n / s)
+        try:
+            with bench.server(FLOOR) as srv:
+                n, s = load(srv.port, 50, SMALL, bench.seconds)
+            bench.floor.append(n / s)
+        except Exception as exc:    # ours' rows stand without it
+            log("  the floor sink failed: %s" % exc)
     return rows
 
 
@@ -578,7 +582,7 @@ class Session(socketserver.BaseRequestHandler):
                     sock.sendall(b"250 OK\r\n")
 class Server(socketserver.ThreadingTCPServer):
     daemon_threads, request_queue_size = True, 1024
-if hasattr(os, "sched_setaffinity"):    # like blackhole.py's pin_cpu
+if hasattr(os, "sched_setaffinity"):    # one CPU, as ours with pin_cpu
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 Server(("127.0.0.1", int(sys.argv[1])), Session).serve_forever()
 """
@@ -592,7 +596,7 @@ class Floor:
     key = title = "floor"
 
     def command(self, conf):
-        with open(conf) as f:
+        with open(conf) as f:   # its "config" is the port alone
             return [sys.executable, "-c", FLOOR_CODE, f.read()]
 
     def config(self, port, opt, tmp):
@@ -933,11 +937,15 @@ def goals(bench, targets):
             client = median([c for _, c in bench.cpu_per_message])
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else os.cpu_count() or 1
-            # The load generator shares the machine: all CPUs busy, two
-            # workers do at most cpus / (server + client) messages a second.
+            # The load generator shares the machine: with every CPU busy,
+            # two workers (two CPUs at most) do at most this many a second;
+            # smtp-source is one process, so one CPU at most.
+            most = min(cpus / (server + client), 2 / server)
+            if SMTP_SOURCE:
+                most = min(most, 1 / client)
             cap = ("; CPU per message: %.0f µs ours, %.0f µs load generator, so "
                    "%d CPUs allow at most %.2f×" % (server * 1e6, client * 1e6, cpus,
-                                                   cpus / (server + client) / w1))
+                                                   most / w1))
         check("workers = 2: %.2f× workers = 1 (goal ≥ 1.6×)%s" % (w2 / w1, cap),
               w2 / w1 >= 1.6)
     # The goal is against kura on asyncio's own loop, which stalls on Nagle;
