@@ -158,10 +158,10 @@ def parse_bool(text):
 
 
 def _parse_int(text, low, high=None):
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ValueError("must be a whole number") from None
+    text = str(text).strip()
+    if not re.fullmatch(r"[-+]?[0-9]+", text):     # int() also takes 1_0 and other scripts' digits
+        raise ValueError("must be a whole number")
+    value = int(text)
     if value < low or (high is not None and value > high):
         if high is None:
             raise ValueError("must be %d or more" % low)
@@ -284,10 +284,11 @@ def _parse_hostname(text):
 
 
 def _parse_path(text):
+    """A path, made absolute here: -b later changes directory to /."""
     path = str(text).strip()
     if not path:
         raise ValueError("must be a path")
-    return path
+    return os.path.abspath(path)
 
 
 def _parse_readable(text):
@@ -428,12 +429,15 @@ class Config:
         "proxy_trusted": "127.0.0.0/8, ::1",
     }
 
+    _lists = ("listen", "tls_listen", "proxy_trusted")  # an indented line adds an item
+
     def __init__(self, source="<options>", **options):
         values = dict(self._defaults)
         for name, value in options.items():
             if name not in OPTIONS:
                 raise ConfigError("%s: %s = %s: unknown option" % (source, name, value))
-            values[name] = value
+            if value is not None:       # None: the default
+                values[name] = value
         for name, value in values.items():
             if value is not None:
                 value = self._parse(source, name, _as_text(name, value))
@@ -441,12 +445,17 @@ class Config:
         object.__setattr__(self, "source", source)
         self._check(source)
 
-    @staticmethod
-    def _parse(source, name, text):
+    @classmethod
+    def _parse(cls, source, name, text):
         try:
+            if "\n" in text.strip():      # the INI's continuation lines
+                if name not in cls._lists:
+                    raise ValueError("one value only; is the line after it indented?")
+                return OPTIONS[name][3](re.sub(r"[\s,]*\n[\s,]*", ", ", text.strip()))
             return OPTIONS[name][3](text)
         except ValueError as exc:
-            raise ConfigError("%s: %s = %s: %s" % (source, name, text, exc)) from None
+            raise ConfigError("%s: %s = %s: %s" % (
+                source, name, text.replace("\n", "\\n"), exc)) from None
 
     def _check(self, source):
         """Rules that tie options together."""
@@ -462,6 +471,8 @@ class Config:
                 fail("tls_cert", "no PEM certificate in it")
             if not _pem_has(self.tls_key, b"PRIVATE KEY-----"):
                 fail("tls_key", "no PEM private key in it")
+            if _pem_has(self.tls_key, b"ENCRYPTED"):    # PKCS#8 or a Proc-Type header
+                fail("tls_key", "is encrypted; blackhole takes no passphrase")
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
                     self.tls_cert, self.tls_key, password=_no_password)
@@ -508,7 +519,7 @@ class Config:
     def from_file(cls, path, **overrides):
         """Read an INI file; a file without a section header is [blackhole]."""
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:     # a BOM is no text
                 text = handle.read()
         except OSError as exc:
             raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
@@ -2709,7 +2720,7 @@ class _Signals:
         for sock in (self._wake, self._waker):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._waker.fileno())
-        for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"),
+        for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"),
                            ("SIGUSR1", "usr1"), ("SIGCHLD", "child")):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self._handler(attr))
@@ -2788,7 +2799,7 @@ def _pin(cpu):
 
 
 def _run(server, signals=None):
-    """Serve in this process until SIGTERM or SIGINT."""
+    """Serve in this process until SIGTERM, SIGINT or SIGHUP."""
     signals = signals or _Signals()
     cpus = _cpus_to_pin(1) if server.config.pin_cpu else None
     if cpus:
@@ -2819,7 +2830,8 @@ def _supervise(server, signals=None):
 
     def spawn(index):
         # a SIGTERM to a new worker waits, blocked, until it has its own handlers
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                      {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -2869,8 +2881,11 @@ def _supervise(server, signals=None):
                 index = workers.pop(pid)
                 lived = time.monotonic() - starts[index]
                 backoff[index] = 0.1 if lived > 5 else min(max(backoff[index] * 2, 0.1), 5)
-                log.warning("worker %d (pid %d) exited with status %s; restarting in %.1fs",
-                            index, pid, status, backoff[index])
+                how = ("was killed by signal %d" % os.WTERMSIG(status)
+                       if os.WIFSIGNALED(status) else
+                       "exited with status %d" % os.WEXITSTATUS(status))
+                log.warning("worker %d (pid %d) %s; restarting in %.1fs",
+                            index, pid, how, backoff[index])
                 due[index] = time.monotonic() + backoff[index]
     finally:
         for pid in workers:

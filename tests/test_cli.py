@@ -300,6 +300,13 @@ class RunningTest(unittest.TestCase):
         self.assertEqual(self.wait_delayed(process, 1)["messages_accepted"], 1)
         self.assertStopsCleanly(process, signal.SIGINT, clients)
 
+    def test_sighup_stops_like_sigterm(self):
+        """A closed terminal: the same clean stop, not the default sudden death."""
+        process = self.start("listen = 127.0.0.1:0\nhostname = bh.test\n")
+        (port,) = process.ports()
+        clients = [self.mid_data(port)]
+        self.assertStopsCleanly(process, signal.SIGHUP, clients)
+
     def test_listening_lines_and_quiet(self):
         """INFO: one line per listener and a stop line; -q drops the warnings."""
         port = support.free_port()

@@ -314,6 +314,8 @@ class ConfigTest(unittest.TestCase):
             (dict(timeout="181"), "timeout = 181: must be between 0 and 180"),
             (dict(timeout="-1"), "timeout = -1: must be between 0 and 180"),
             (dict(timeout="1.5"), "timeout = 1.5: must be a whole number"),
+            (dict(timeout="1_0"), "timeout = 1_0: must be a whole number"),
+            (dict(timeout="\u0661\u0662"), "timeout = \u0661\u0662: must be a whole number"),
             (dict(delay="61"), "delay = 61: must be between 0 and 60 seconds"),
             (dict(delay="5-3"), "delay = 5-3: minimum is above maximum"),
             (dict(delay="soon"), "delay = soon: must be N or MIN-MAX whole seconds"),
@@ -440,8 +442,37 @@ class ConfigFileTest(unittest.TestCase):
                 self.assertEqual((config.mode, config.timeout), ("accept", 60))
 
     def test_continuation_lines(self):
-        _, config = self.load("listen = 127.0.0.1:2525,\n    127.0.0.1:2526\n")
-        self.assertEqual([l.port for l in config.listen], [2525, 2526])
+        """An indented line adds an item to a list; any other option refuses
+        it in one line, not silently (a pidfile named `p.pid\\nmode = x`)."""
+        for text in ("listen = 127.0.0.1:2525,\n    127.0.0.1:2526\n",
+                     "listen = 127.0.0.1:2525\n    127.0.0.1:2526\n"):
+            with self.subTest(text=text):
+                _, config = self.load(text)
+                self.assertEqual([l.port for l in config.listen], [2525, 2526])
+        _, config = self.load("proxy_trusted = 10.0.0.1\n  10.0.0.2\n")
+        self.assertEqual([str(n) for n in config.proxy_trusted],
+                         ["10.0.0.1/32", "10.0.0.2/32"])
+        self.assertFileError("hostname = bh.test\npidfile = /tmp/p.pid\n    mode = bounce\n",
+                             "pidfile = /tmp/p.pid\\nmode = bounce: one value only; "
+                             "is the line after it indented?")
+
+    def test_none_is_the_default(self):
+        """Server(option=None), as SPEC 9's keyword arguments: the default."""
+        config = blackhole.Config(hostname="bh.test", tls_listen=None, delay=None,
+                                  max_message_size=None, mode=None)
+        self.assertEqual((config.tls_listen, config.delay, config.max_message_size,
+                          config.mode), ((), (0, 0), 512000, "accept"))
+
+    def test_byte_order_mark(self):
+        path = support.write_config(self, "")
+        with open(path, "wb") as handle:
+            handle.write("\ufeff[blackhole]\nmode = bounce\nhostname = bh.test\n".encode())
+        self.assertEqual(blackhole.Config.from_file(path).mode, "bounce")
+
+    def test_relative_paths_are_made_absolute(self):
+        """-b changes directory to / before it writes the pidfile."""
+        config = blackhole.Config(hostname="bh.test", pidfile="run/bh.pid")
+        self.assertEqual(config.pidfile, os.path.join(os.getcwd(), "run", "bh.pid"))
 
     def test_overrides(self):
         path = support.write_config(self, "mode = bounce\nhostname = bh.test\n")

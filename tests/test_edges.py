@@ -172,8 +172,8 @@ class ConfigTest(unittest.TestCase):
         key = os.path.join(support.CERTS, "server-encrypted.key")
         with self.assertRaises(blackhole.ConfigError) as caught:
             blackhole.Config(tls_cert=support.CERT, tls_key=key, hostname=HOST)
-        self.assertEqual(str(caught.exception), "<options>: tls_key = %s: does not match "
-                         "tls_cert" % key)
+        self.assertEqual(str(caught.exception), "<options>: tls_key = %s: is encrypted; "
+                         "blackhole takes no passphrase" % key)
 
     def test_listener_delay_is_held_to_the_timeout(self):
         with self.assertRaises(blackhole.ConfigError) as caught:

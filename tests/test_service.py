@@ -461,7 +461,8 @@ class WorkersTest(ProcessTestCase):
         wait_until(lambda: gone(replacement) and gone(second),
                    timeout=max(0, stopping + 2 - time.monotonic()), message="workers gone")
         self.assertFalse(os.path.exists(pidfile))
-        self.assertIn("restarting", read_text(log))
+        self.assertRegex(read_text(log), r"worker [01] \(pid %d\) was killed by signal 9; "
+                         r"restarting" % first)
 
     def test_ctrl_c_stops_every_process(self):
         # a terminal's Ctrl-C signals the supervisor and the workers at once,
