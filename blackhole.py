@@ -1350,6 +1350,11 @@ class _AuthDecided(Exception):
 _TOO_LONG = object()    # _readline's answer for a line over the limit
 _MAIL_PARAMS = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"))
 _RCPT_PARAMS = frozenset(("NOTIFY", "ORCPT"))
+_PARAM_VALUES = {       # RFC 1870, 6152 and 3030, 3461
+    "SIZE": re.compile(r"[0-9]{1,20}\Z"),
+    "BODY": re.compile(r"(?:7BIT|8BITMIME|BINARYMIME)\Z", re.I),
+    "RET": re.compile(r"(?:FULL|HDRS)\Z", re.I),
+}
 _DELAY_RE = re.compile(r"^(\d{1,9})\s*(?:,\s*(\d{1,9}))?$", re.A)
 
 
@@ -1381,6 +1386,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
     max_unknown = 10                # unknown commands before the session is closed
     max_recipients = 1000           # per transaction; RFC 5321 4.5.3.1.8 asks for 100
+    max_address = 256               # characters of a path, RFC 5321 4.5.3.1.3: else
+                                    # 1000 recipients of 12 KB would keep 12 MB a session
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
 
     # ----- session life -------------------------------------------------
@@ -1609,9 +1616,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
             verb, _, arg = text.partition(" ")
             name = verb.upper() if verb.isascii() else ""     # "ſ".upper() is "S"
-            if self._debug:
+            if self._debug:     # an unknown verb may be a password sent out of turn (5)
                 log.debug("%s > %r", self.peer, name + " " + arg.split(" ", 1)[0]
-                          if name == "AUTH" else text)
+                          if name == "AUTH" else text if name in self.verbs
+                          else "(unknown, %d octets)" % len(line))
             if self.config.strict and name != "AUTH" and len(line) > self.max_strict_line:
                 self._unknown(500, "5.5.2 Line too long")
             method = self.verbs.get(name)
@@ -1670,6 +1678,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if path is None:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["MAIL"])
         address, params = path[0], parse_params(path[1])
+        if len(address) > self.max_address:
+            raise SMTPError(501, "5.1.7 Sender address too long")
         if strict:
             self._check_params(params, _MAIL_PARAMS)
         size = params.get("SIZE")
@@ -1702,6 +1712,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if path is None:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
         address = path[0]
+        if len(address) > self.max_address:
+            raise SMTPError(501, "5.1.3 Recipient address too long")
+        if strict and not address:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
         if strict:
             self._check_params(parse_params(path[1]), _RCPT_PARAMS)
         if len(env.rcpt_tos) >= self.max_recipients:
@@ -1726,10 +1740,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     @staticmethod
     def _check_params(params, known):
-        """Strict mode refuses parameters the verb does not define."""
-        for name in params:
+        """Strict mode refuses parameters the verb does not define, and
+        values its extension does not allow."""
+        for name, value in params.items():
             if name not in known:
                 raise SMTPError(555, "5.5.4 Unsupported parameter: %s" % _printable(name))
+            pattern = _PARAM_VALUES.get(name)
+            if pattern is not None and not (isinstance(value, str) and pattern.match(value)):
+                raise SMTPError(501, "5.5.4 Malformed parameter: %s" % _printable(name))
 
     def _check_recipients(self):
         """DATA and BDAT need a recipient (4.4, 4.7)."""
@@ -1777,6 +1795,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self.reply(250, "2.0.0 %d octets received" % size)
 
     def smtp_RSET(self, arg):
+        if arg and self.config.strict:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RSET"])
         self.reset()
         self.reply(250, "2.0.0 OK")
 
@@ -1784,6 +1804,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reply(250, "2.0.0 OK")
 
     def smtp_QUIT(self, arg):
+        if arg and self.config.strict:
+            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["QUIT"])
         self.reply(221, "2.0.0 Goodbye")
         self.closing = True
 
@@ -2022,6 +2044,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_AUTH(self, arg):
         if self.authenticated:
             raise SMTPError(503, "5.5.1 Already authenticated")
+        if self.config.strict and (self.helo is None or self.envelope.mail_from is not None):
+            raise SMTPError(503, "5.5.1 Bad sequence of commands")     # RFC 4954 4
         if not arg:
             raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["AUTH"])
         mechanism, _, initial = arg.partition(" ")

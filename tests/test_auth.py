@@ -304,6 +304,11 @@ class CredentialsNotLoggedTest(ServerTestCase):
             client.cmd(b"RSET")
             client.close()
             client = self.raw()
+        # a password pipelined after an AUTH that was refused is read as a
+        # command: an unknown verb is logged by its length only
+        client.cmd(b"EHLO localhost")
+        client.send(b"AUTH PLAIN " + plain + b"\r\nAUTH LOGIN\r\n" + password + b"\r\n")
+        self.assertEqual([client.reply()[:4] for _ in range(3)], [b"235 ", b"503 ", b"502 "])
         client.cmd(b"QUIT")
         smtp = self.smtp()
         smtp.login("someone", secret.decode())
@@ -312,6 +317,7 @@ class CredentialsNotLoggedTest(ServerTestCase):
         self.assertIn("> 'AUTH PLAIN", logged)           # the capture works
         self.assertIn("> 'AUTH LOGIN", logged)
         self.assertIn("< 334 UGFzc3dvcmQ6", logged)
+        self.assertIn("> '(unknown, %d octets)'" % (len(password) + 2), logged)
         for text in (secret, plain, user, password, raw):
             self.assertNotIn(text.decode(), logged)
         self.assertNotIn("someone", logged)

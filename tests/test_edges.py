@@ -27,11 +27,13 @@ class NumbersTest(ServerTestCase):
         self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com> SIZE=" + HUGE),
                          b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
         self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 OK\r\n")
-        # not a directive, so an ordinary address
+        # not a directive (over 9 digits), so an ordinary address
+        self.assertEqual(client.cmd(b"RCPT TO:<delay-" + HUGE[:200] + b"=b@example.com>"),
+                         b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<failx" + HUGE[:200] + b"=b@example.com>"),
+                         b"250 2.1.5 OK\r\n")
         self.assertEqual(client.cmd(b"RCPT TO:<delay-" + HUGE + b"=b@example.com>"),
-                         b"250 2.1.5 OK\r\n")
-        self.assertEqual(client.cmd(b"RCPT TO:<failx" + HUGE + b"=b@example.com>"),
-                         b"250 2.1.5 OK\r\n")
+                         b"501 5.1.3 Recipient address too long\r\n")
         self.assertEqual(client.cmd(b"BDAT " + HUGE),
                          b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")
         self.assertEqual(client.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -42,6 +44,23 @@ class NumbersTest(ServerTestCase):
 
 
 class RecipientsTest(ServerTestCase):
+
+    options = {"capture": 1}
+
+    def test_addresses_are_bounded(self):
+        """A path of 12 KB a thousand times would keep 12 MB a session."""
+        limit = blackhole.SMTPHandler.max_address
+        client = self.raw()
+        local = b"a" * (limit - len(b"@example.com"))
+        self.assertEqual(client.cmd(b"MAIL FROM:<%s@example.com>" % local), b"250 2.1.0 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<%s@example.com>" % local), b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<%sa@example.com>" % local),
+                         b"501 5.1.3 Recipient address too long\r\n")
+        self.assertEqual(client.cmd(b"MAIL FROM:<%sa@example.com>" % local),
+                         b"501 5.1.7 Sender address too long\r\n")
+        self.assertEqual(client.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertTrue(client.cmd(b"hi\r\n.").startswith(b"250 "))
+        self.assertEqual(self.server.wait_for(1)[0].rcpt_tos, ["%s@example.com" % local.decode()])
 
     def test_at_most_max_recipients(self):
         limit = blackhole.SMTPHandler.max_recipients

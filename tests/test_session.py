@@ -557,6 +557,28 @@ class StrictTest(ServerTestCase):
         self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), BAD_SEQUENCE)  # cleared
         self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
 
+    def test_arguments_and_auth(self):
+        """501 for RSET/QUIT arguments, an empty RCPT path and parameter values
+        their extension does not allow; AUTH only after EHLO and outside a
+        transaction (RFC 4954 4)."""
+        raw = self.raw()
+        auth = b"AUTH PLAIN " + base64.b64encode(b"\0me\0pw")
+        self.assertEqual(raw.cmd(auth), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+        self.assertEqual(raw.cmd(b"RSET x"), b"501 5.5.4 Syntax: RSET\r\n")
+        for params in (b"SIZE=abc", b"SIZE", b"BODY=FOO", b"RET=ALL"):
+            with self.subTest(params=params):
+                self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> " + params),
+                                 b"501 5.5.4 Malformed parameter: %s\r\n" % params.split(b"=")[0])
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> SIZE=10 BODY=8bitmime RET=HDRS"),
+                         MAIL_OK)
+        self.assertEqual(raw.cmd(auth), BAD_SEQUENCE)
+        self.assertEqual(raw.cmd(b"RCPT TO:<>"), b"501 5.5.4 Syntax: RCPT TO: <address>\r\n")
+        self.assertEqual(raw.cmd(b"RSET"), OK)
+        self.assertEqual(raw.cmd(auth), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(raw.cmd(b"QUIT now"), b"501 5.5.4 Syntax: QUIT\r\n")
+        self.assertEqual(raw.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+
     def test_every_refused_recipient_is_not_a_sequence_error(self):
         raw = self.raw()
         self.assertEqual(raw.cmd(b"HELO x"), b"250 bh.test\r\n")
@@ -592,6 +614,7 @@ class StrictTest(ServerTestCase):
         self.assertEqual(raw.cmd(b"NOOP " + b"x" * (512 - 6)), b"500 5.5.2 Line too long\r\n")
         self.assertEqual(raw.cmd(b"NOOP"), OK)
         response = base64.b64encode(b"\0user\0" + b"p" * 3000)
+        self.assertTrue(raw.cmd(b"EHLO x").startswith(b"250-"))
         self.assertEqual(raw.cmd(b"AUTH PLAIN " + response),
                          b"235 2.7.0 Authentication successful\r\n")
         raw.send(b"NOOP " + b"x" * 13000 + b"\r\n")
