@@ -367,16 +367,16 @@ OPTIONS = {
               _parse_name(_group)),
     "pidfile": ("PATH", "none; /tmp/blackhole.pid with -b", "file holding the pid",
                 _parse_path),
-    "timeout": ("SECONDS", "60", "idle time before a client is cut off (0 = never)",
+    "timeout": ("SECONDS (0-180)", "60", "idle time before a client is cut off (0 = never)",
                 lambda text: _parse_int(text, 0, 180)),
-    "delay": ("N or MIN-MAX", "0", "seconds to wait before the end-of-data reply",
+    "delay": ("N or MIN-MAX (0-60)", "0", "seconds to wait before the end-of-data reply",
               parse_delay),
     "mode": ("accept|bounce|random", "accept", "reply to each message", _parse_mode),
     "max_message_size": ("BYTES", "512000", "largest message accepted (SIZE)",
                          lambda text: _parse_int(text, 1)),
     "dynamic_switch": ("BOOL", "true", "honour X-Blackhole-Mode/-Delay headers",
                        parse_bool),
-    "workers": ("N", "1", "worker processes (N > 1: a supervisor forks N)",
+    "workers": ("N (1-256)", "1", "worker processes (N > 1: a supervisor forks N)",
                 lambda text: _parse_int(text, 1, 256)),
     "pin_cpu": ("BOOL", "true",
                 "keep a worker's (or the one process's) threads on one CPU (Linux)",
@@ -387,7 +387,7 @@ OPTIONS = {
                parse_bool),
     "metrics_listen": ("ADDR:PORT", "none", "HTTP /metrics in Prometheus format",
                        parse_hostport),
-    "greylist": ("SECONDS", "0", "greylist each (ip, sender, recipient) (0 = off)",
+    "greylist": ("SECONDS (0-86400)", "0", "greylist each (ip, sender, recipient) (0 = off)",
                  lambda text: _parse_int(text, 0, 86400)),
     "max_connections_per_ip": ("N", "0", "sessions per client address (0 = off)",
                                lambda text: _parse_int(text, 0)),
@@ -1320,6 +1320,11 @@ _FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
 }
 
 
+def _hostport(host, port):
+    """An address as log lines show it: host:port, [v6]:port."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
 def _trusted(peer, networks):
     """Whether peer may send a PROXY header (proxy_trusted, section 12)."""
     try:
@@ -1476,7 +1481,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             return
         self.admitted = True
         if self._debug:
-            log.debug("%s connected to %s", self.peer, self.listener.text)
+            log.debug("%s connected to %s", self.peer,
+                      _hostport(*self.server.server_address[:2]))
         if self.listener.tls:
             self._start_tls()
         self.reset()
@@ -2321,7 +2327,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     timeout = 10
     server_version = "blackhole/" + __version__
 
-    def do_GET(self):
+    def do_GET(self, head=False):
         if self.path.split("?", 1)[0] != "/metrics":
             self.send_error(404, "Not Found")
             return
@@ -2330,7 +2336,12 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
+
+    def do_HEAD(self):
+        """What uptime checkers send: GET's headers, no body."""
+        self.do_GET(head=True)
 
     def log_message(self, format, *args):
         log.debug("metrics %s: " + format, self.client_address[0], *args)
@@ -2721,9 +2732,8 @@ def _listening(server, log_fn=log.info):
             flags.append("greylist=%d" % listener.greylist)
         if listener.proxy:
             flags.append("proxy=on")
-        log_fn("listening on %s (%s, %s)", "[%s]:%d" % (host, port) if ":" in host
-               else "%s:%d" % (host, port), "smtps" if listener.tls else "smtp",
-               ", ".join(flags))
+        log_fn("listening on %s (%s, %s)", _hostport(host, port),
+               "smtps" if listener.tls else "smtp", ", ".join(flags))
     if server.metrics:
         log_fn("metrics on http://%s:%d/metrics", *server.metrics_address)
 

@@ -317,6 +317,7 @@ class CredentialsNotLoggedTest(ServerTestCase):
         self.assertIn("> 'AUTH PLAIN", logged)           # the capture works
         self.assertIn("> 'AUTH LOGIN", logged)
         self.assertIn("< 334 UGFzc3dvcmQ6", logged)
+        self.assertIn("connected to %s:%d" % self.server.address, logged)   # the bound port
         self.assertIn("> '(unknown, %d octets)'" % (len(password) + 2), logged)
         for text in (secret, plain, user, password, raw):
             self.assertNotIn(text.decode(), logged)

@@ -162,11 +162,11 @@ def smtp(testcase, port):
     return client
 
 
-def http_get(address, path):
-    """(status, content type, body) of GET path."""
+def http_get(address, path, method="GET"):
+    """(status, content type, body) of GET (or HEAD) path."""
     conn = http.client.HTTPConnection(*address, timeout=TIMEOUT)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         response = conn.getresponse()
         return response.status, response.getheader("Content-Type"), response.read()
     finally:
@@ -524,6 +524,7 @@ class WorkersTest(ProcessTestCase):
                                         blackhole.Stats.names})
         for path in ("/", "/metricsx", "/other"):
             self.assertEqual(http_get(metrics, path)[0], 404)
+        self.assertEqual(http_get(metrics, "/metrics", "HEAD")[:3:2], (200, b""))
 
         # SIGUSR1 to the supervisor: one line, summed over the workers
         os.kill(proc.pid, signal.SIGUSR1)
