@@ -126,9 +126,31 @@ class SMTPError(Exception):
         super().__init__(code, text)
         self.code, self.text, self.close = code, text, close
 
+    @classmethod
+    def syntax(cls, verb):
+        """501: a missing or malformed argument (4.4), with the verb's syntax."""
+        return cls(501, "5.5.4 Syntax: " + SYNTAX[verb])
+
+    @classmethod
+    def bad_sequence(cls):
+        """503: a command out of order (strict mode, 4.4; AUTH, RFC 4954 4)."""
+        return cls(503, "5.5.1 Bad sequence of commands")
+
 
 class _Disconnect(Exception):
     """The session ends now, with no further reply."""
+
+
+class _Shutdown(Exception):
+    """The server is stopping: the client gets 421 and the session ends."""
+
+
+class _AuthDecided(Exception):
+    """A raw `pass=`/`fail=` response decided AUTH at once (kura's form)."""
+
+    def __init__(self, ok):
+        super().__init__(ok)
+        self.ok = ok
 
 
 # ###########################################################################
@@ -182,11 +204,15 @@ def parse_delay(text):
     return (low, high)
 
 
+def _choice(text, choices):
+    word = str(text).strip().lower()
+    if word not in choices:
+        raise ValueError("must be %s or %s" % (", ".join(choices[:-1]), choices[-1]))
+    return word
+
+
 def _parse_mode(text):
-    mode = str(text).strip().lower()
-    if mode not in MODES:
-        raise ValueError("must be accept, bounce or random")
-    return mode
+    return _choice(text, MODES)
 
 
 def _split_hostport(text):
@@ -402,13 +428,6 @@ OPTIONS = {
 }
 
 
-def _choice(text, choices):
-    word = str(text).strip().lower()
-    if word not in choices:
-        raise ValueError("must be %s or %s" % (", ".join(choices[:-1]), choices[-1]))
-    return word
-
-
 class Config:
     """Validated, immutable settings (section 3).
 
@@ -492,15 +511,14 @@ class Config:
             fail("starttls", "needs tls_cert and tls_key")
         if not self.listen and not self.tls_listen:
             fail("listen", "no listener given")
+        if self.timeout and self.delay[1] >= self.timeout:
+            fail("delay", "must be less than timeout (%d)" % self.timeout)
         seen = set()
-        for listener in self.listen + self.tls_listen:
+        for listener in self.listeners():
             key = (listener.host, listener.port)
             if listener.port and key in seen:
                 fail("tls_listen", "%s:%d is also in listen" % key)
             seen.add(key)
-        if self.timeout and self.delay[1] >= self.timeout:
-            fail("delay", "must be less than timeout (%d)" % self.timeout)
-        for listener in self.listen + self.tls_listen:
             if self.timeout and listener.delay and listener.delay[1] >= self.timeout:
                 fail("tls_listen" if listener.tls else "listen",
                      "delay= must be less than timeout (%d)" % self.timeout)
@@ -540,9 +558,6 @@ class Config:
             if section != "blackhole":
                 raise ConfigError("%s: unknown section [%s]" % (path, section))
         options = dict(parser.items("blackhole")) if parser.has_section("blackhole") else {}
-        for name, value in options.items():
-            if name not in OPTIONS:
-                raise ConfigError("%s: %s = %s: unknown option" % (path, name, value))
         options.update(overrides)
         return cls(source=path, **options)
 
@@ -799,11 +814,12 @@ def _empty_line(data):
 class _HeaderScan:
     """Finds the end of a message's header and the few fields we look at.
 
-    Keeps at most SenderChecks.max_header octets; a longer header is looked
-    at a block of complete lines at a time.
+    Keeps at most max_header octets; a longer header is looked at a block
+    of complete lines at a time.
     """
 
     max_header = 65536
+    partial_keep = 80   # of a line cut by max_header: enough for any field name
 
     def __init__(self):
         self.buf = bytearray(b"\n")    # a virtual line end before line one
@@ -842,9 +858,9 @@ class _HeaderScan:
             last = buf.rfind(b"\n")
             if last > 0:
                 self._scan(bytes(buf[:last + 1]))
-                self.buf = bytearray(buf[last:last + 1 + 80])
+                self.buf = bytearray(buf[last:last + 1 + self.partial_keep])
             else:
-                del buf[80:]
+                del buf[self.partial_keep:]
 
     def finish(self):
         """No empty line came: the whole message was header."""
@@ -864,9 +880,10 @@ class _HeaderScan:
         self.has_message_id = self.has_message_id or lower.find(b"\nmessage-id:") >= 0
         if lower.find(b"\nx-blackhole-") >= 0:
             for name in ("mode", "delay"):
-                at = lower.find(b"\nx-blackhole-%s:" % name.encode())
+                field = b"\nx-blackhole-%s:" % name.encode()
+                at = lower.find(field)
                 if at >= 0:
-                    start = at + 14 + len(name)
+                    start = at + len(field)
                     end = lower.find(b"\n", start)
                     value = lower[start:end].strip().decode("latin-1")
                     setattr(self, name, value)
@@ -924,6 +941,10 @@ class Stats:
     def add(self, name, amount=1):
         with self._lock:
             self._array[self._index[name]] += amount
+
+    def set(self, name, value):
+        with self._lock:
+            self._array[self._index[name]] = value
 
     def message(self, result, size, issues):
         """Count one message whose data was received (section 8, 11)."""
@@ -1050,19 +1071,23 @@ class Greylist:
 _PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
+PROXY_V1_MAX = 107              # octets of a v1 header, CRLF included (its spec, 2.1)
+PROXY_V2_MAX = 16 + 65535       # a v2 header: 16 fixed octets and a 16-bit length
+
+
 def parse_proxy_v1(data):
     """Parse a PROXY protocol v1 header at the start of `data`.
 
     Returns (source, length): source is (host, port), or None for
     `PROXY UNKNOWN`; length is the header's octets.  Returns None while
     `data` holds only the beginning of a header; raises ValueError for an
-    invalid one.  The header is at most 107 octets.
+    invalid one.
     """
     if not data.startswith(b"PROXY "[:len(data)]):
         raise ValueError("not a PROXY header")
-    end = data.find(b"\r\n", 0, 107)
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
     if end < 0:
-        if len(data) >= 107:
+        if len(data) >= PROXY_V1_MAX:
             raise ValueError("PROXY v1 header too long")
         return None
     words = data[:end].split(b" ")
@@ -1340,18 +1365,6 @@ def _trusted(peer, networks):
 # The SMTP session
 # ###########################################################################
 
-class _Shutdown(Exception):
-    """The server is stopping: the client gets 421 and the session ends."""
-
-
-class _AuthDecided(Exception):
-    """A raw `pass=`/`fail=` response decided AUTH at once (kura's form)."""
-
-    def __init__(self, ok):
-        super().__init__(ok)
-        self.ok = ok
-
-
 _TOO_LONG = object()    # _readline's answer for a line over the limit
 _MAIL_PARAMS = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"))
 _RCPT_PARAMS = frozenset(("NOTIFY", "ORCPT"))
@@ -1391,6 +1404,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
     max_unknown = 10                # unknown commands before the session is closed
     max_recipients = 1000           # per transaction; RFC 5321 4.5.3.1.8 asks for 100
+    auth_mechanisms = ("CRAM-MD5", "LOGIN", "PLAIN")    # EHLO's order; smtp_AUTH takes these
     max_address = 256               # characters of a path, RFC 5321 4.5.3.1.3: else
                                     # 1000 recipients of 12 KB would keep 12 MB a session
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
@@ -1648,7 +1662,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         keywords = [
             "PIPELINING", "SIZE %d" % self.config.max_message_size, "8BITMIME",
             "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING", "HELP", "VRFY",
-            "EXPN", "ETRN", "AUTH CRAM-MD5 LOGIN PLAIN"]
+            "EXPN", "ETRN", "AUTH " + " ".join(self.auth_mechanisms)]
         if self._starttls_offered():
             keywords.append("STARTTLS")
         return keywords
@@ -1664,14 +1678,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_HELO(self, arg):
         if not arg and self.config.strict:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["HELO"])
+            raise SMTPError.syntax("HELO")
         self.helo = arg
         self.reset()
         self.reply(250, self.hostname)
 
     def smtp_EHLO(self, arg):
         if not arg and self.config.strict:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["EHLO"])
+            raise SMTPError.syntax("EHLO")
         self.helo = arg
         self.reset()
         self.reply(250, self.hostname, *self.ehlo_keywords())
@@ -1679,10 +1693,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_MAIL(self, arg):
         strict, env = self.config.strict, self.envelope
         if strict and (self.helo is None or env.mail_from is not None):
-            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+            raise SMTPError.bad_sequence()
         path = parse_path(arg, "FROM", strict)
         if path is None:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["MAIL"])
+            raise SMTPError.syntax("MAIL")
         address, params = path[0], parse_params(path[1])
         if len(address) > self.max_address:
             raise SMTPError(501, "5.1.7 Sender address too long")
@@ -1713,15 +1727,15 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_RCPT(self, arg):
         strict, env = self.config.strict, self.envelope
         if strict and env.mail_from is None:
-            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+            raise SMTPError.bad_sequence()
         path = parse_path(arg, "TO", strict)
         if path is None:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
+            raise SMTPError.syntax("RCPT")
         address = path[0]
         if len(address) > self.max_address:
             raise SMTPError(501, "5.1.3 Recipient address too long")
         if strict and not address:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RCPT"])
+            raise SMTPError.syntax("RCPT")
         if strict:
             self._check_params(parse_params(path[1]), _RCPT_PARAMS)
         if len(env.rcpt_tos) >= self.max_recipients:
@@ -1760,15 +1774,15 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         env = self.envelope
         if self.config.strict and (env.mail_from is None or
                                    not (env.rcpt_tos or env.refused)):
-            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+            raise SMTPError.bad_sequence()
         if env.refused and not env.rcpt_tos:
             raise SMTPError(554, "5.5.1 No valid recipients")
 
     def smtp_DATA(self, arg):
         if arg and self.config.strict:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["DATA"])
+            raise SMTPError.syntax("DATA")
         if self.bdat is not None and self.config.strict:
-            raise SMTPError(503, "5.5.1 Bad sequence of commands")
+            raise SMTPError.bad_sequence()
         self._check_recipients()
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         checks, header, parts = self._message_readers()
@@ -1782,7 +1796,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) or \
                 len(words[0]) > 20 or \
                 (len(words) == 2 and words[1].upper() != "LAST"):
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["BDAT"])
+            raise SMTPError.syntax("BDAT")
         size, last = int(words[0]), len(words) == 2
         try:
             self._check_recipients()
@@ -1802,7 +1816,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_RSET(self, arg):
         if arg and self.config.strict:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["RSET"])
+            raise SMTPError.syntax("RSET")
         self.reset()
         self.reply(250, "2.0.0 OK")
 
@@ -1811,7 +1825,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_QUIT(self, arg):
         if arg and self.config.strict:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["QUIT"])
+            raise SMTPError.syntax("QUIT")
         self.reply(221, "2.0.0 Goodbye")
         self.closing = True
 
@@ -1826,7 +1840,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_VRFY(self, arg):
         if not arg:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["VRFY"])
+            raise SMTPError.syntax("VRFY")
         address = "<%s>" % _printable(arg.strip("<>"))
         if "pass=" in arg:
             self.reply(250, "2.0.0 %s OK" % address)
@@ -1837,7 +1851,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_EXPN(self, arg):
         members = MAILING_LISTS.get(arg.strip("<>").lower())
-        if not members or "fail=" in arg:
+        if not members:
             raise SMTPError(550, "5.7.1 Not authorised")
         self.reply(250, *("%s <%s@%s>" % (name.title(), name, self.hostname)
                           for name in members))
@@ -1936,12 +1950,11 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             header.finish()
         issues = env.issues = checks.issues(env, self.command_bare_lf) if checks else ()
         self.command_bare_lf = False
-        if env.data is None and parts is not None and \
-                env.size <= self.config.max_message_size:
+        if parts is not None and env.size <= self.config.max_message_size:
             env.data = b"".join(parts)
         result, code, text, delay = self._decide(env, header)
         if issues and code and self.config.sender_checks == "reply":
-            text += " (sender issues: %s)" % ", ".join(issues)
+            text += f" (sender issues: {', '.join(issues)})"
         shared.stats.message(result, env.size, issues)
         if issues and self._debug:
             log.debug("%s sender issues: %s", self.peer, ", ".join(issues))
@@ -1973,12 +1986,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if env.sender_plan or any(env.rcpt_plans):
             for address, plan in [(env.mail_from, env.sender_plan)] + list(
                     zip(env.rcpt_tos, env.rcpt_plans)):
-                wait, action = self._plan(plan, address, "data")
+                wait, directive = self._plan(plan, address, "data")
                 delay += wait
-                if action is not None:
+                if directive is not None:
                     shared.stats.add("faults_directive")
-                    decided = (None, None) if action.action == "drop" else \
-                        self._directive_reply(action, "rcpt")
+                    decided = (None, None) if directive.action == "drop" else \
+                        self._directive_reply(directive, "rcpt")
                     break
         if decided is None and env.issues and config.sender_checks == "refuse":
             decided = 550, "5.6.0 Message refused, sender issues: " + ", ".join(env.issues)
@@ -2028,14 +2041,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def _act_now(self, plan, address, stage):
         """Carry out MAIL or RCPT directives: wait, then raise the reply."""
-        wait, action = self._plan(plan, address, stage)
+        wait, directive = self._plan(plan, address, stage)
         self._wait(wait)
-        if action is not None:
+        if directive is not None:
             self.shared.stats.add("faults_directive")
-            if action.action == "drop":
+            if directive.action == "drop":
                 self._flush()       # earlier pipelined commands keep their replies (4.6)
                 raise _Disconnect("drop requested by address")
-            code, text = self._directive_reply(action, stage)
+            code, text = self._directive_reply(directive, stage)
             raise SMTPError(code, text, close=code == 421)
 
     @staticmethod
@@ -2051,12 +2064,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if self.authenticated:
             raise SMTPError(503, "5.5.1 Already authenticated")
         if self.config.strict and (self.helo is None or self.envelope.mail_from is not None):
-            raise SMTPError(503, "5.5.1 Bad sequence of commands")     # RFC 4954 4
+            raise SMTPError.bad_sequence()     # RFC 4954 4
         if not arg:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["AUTH"])
+            raise SMTPError.syntax("AUTH")
         mechanism, _, initial = arg.partition(" ")
         method = getattr(self, "_auth_" + mechanism.upper().replace("-", "_"), None) \
-            if mechanism.upper() in ("PLAIN", "LOGIN", "CRAM-MD5") else None
+            if mechanism.upper() in self.auth_mechanisms else None
         if method is None:
             raise SMTPError(504, "5.5.4 Unrecognized authentication type")
         try:
@@ -2110,7 +2123,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def smtp_STARTTLS(self, arg):
         if arg:
-            raise SMTPError(501, "5.5.4 Syntax: " + SYNTAX["STARTTLS"])
+            raise SMTPError.syntax("STARTTLS")
         if self.tls:
             raise SMTPError(503, "5.5.1 TLS already active")
         if not self._starttls_offered():
@@ -2157,7 +2170,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         taken = b""
         while True:
             try:
-                peek = self.sock.recv(65551 - len(taken), socket.MSG_PEEK)
+                peek = self.sock.recv(PROXY_V2_MAX - len(taken), socket.MSG_PEEK)
                 result = parse_proxy(taken + peek) if peek else None
             except ValueError as exc:
                 log.info("closed %s: %s", self.peer, exc)
@@ -2421,23 +2434,26 @@ class Server:
     """A whole blackhole: every listener of a Config, served in threads.
 
     Methods for the caller: start(), stop() (both idempotent; also a context
-    manager), wait_for(count, timeout).  Attributes: address, tls_address,
-    addresses, stats, messages (with `capture`), config.
+    manager), wait_for(count, timeout).  Attributes: address,
+    tls_address, addresses, metrics_address, stats, messages (with
+    `capture`), config.  Methods for blackhole's own command line: bind(),
+    then serve() in a worker process.
 
-    Server(config=None, capture=0, on_message=None, **options): options are
-    those of Config, as INI strings or Python values; without a listen
-    option the server listens on 127.0.0.1 on an ephemeral port.
+    Server(config=None, capture=0, on_message=None, less_secure=False,
+    **options): options are those of Config, as INI strings or Python
+    values; without a listen option the server listens on 127.0.0.1 on an
+    ephemeral port.  less_secure is `-ls`: no single-use (EC)DH keys.
     """
 
     def __init__(self, config=None, capture=0, on_message=None, less_secure=False,
-                 stats=None, **options):
+                 **options):
         if config is None:
             options.setdefault("listen", "127.0.0.1:0")
             config = Config(**options)
         elif options:
             raise TypeError("give either a Config or options, not both")
         self.config = config
-        self.shared = _Shared(config, stats, capture, on_message)
+        self.shared = _Shared(config, None, capture, on_message)
         self.tls_context = _tls_context(config, less_secure) if config.tls_cert else None
         self.servers = []
         self.metrics = None
@@ -2720,7 +2736,7 @@ def _daemonize():
     return write_fd
 
 
-def _listening(server, log_fn=log.info):
+def _listening(server):
     for srv in server.servers:
         listener, config = srv.listener, server.config
         host, port = srv.server_address[:2]
@@ -2732,10 +2748,10 @@ def _listening(server, log_fn=log.info):
             flags.append("greylist=%d" % listener.greylist)
         if listener.proxy:
             flags.append("proxy=on")
-        log_fn("listening on %s (%s, %s)", _hostport(host, port),
+        log.info("listening on %s (%s, %s)", _hostport(host, port),
                "smtps" if listener.tls else "smtp", ", ".join(flags))
     if server.metrics:
-        log_fn("metrics on http://%s:%d/metrics", *server.metrics_address)
+        log.info("metrics on http://%s:%d/metrics", *server.metrics_address)
 
 
 class _Signals:
@@ -2832,9 +2848,8 @@ def _pin(cpu):
     log.debug("threads kept on CPU %d (pin_cpu)", cpu)
 
 
-def _run(server, signals=None):
+def _run(server, signals):
     """Serve in this process until SIGTERM, SIGINT or SIGHUP."""
-    signals = signals or _Signals()
     cpus = _cpus_to_pin(1) if server.config.pin_cpu else None
     if cpus:
         _pin(cpus[0])               # before any thread starts: they inherit it
@@ -2849,18 +2864,23 @@ def _run(server, signals=None):
         server.stop()
 
 
-def _supervise(server, signals=None):
+def _supervise(server, signals):
     """workers = N: fork N workers on the bound sockets and keep them alive."""
     count = server.config.workers
     memory = mmap.mmap(-1, Stats.size * count)
     slots = [Stats(memoryview(memory)[i * Stats.size:(i + 1) * Stats.size])
              for i in range(count)]
     server.counters = lambda: Stats.summed(slots)
-    signals = signals or _Signals()
     watch_read, watch_write = os.pipe()
     workers, starts, backoff = {}, {}, [0.0] * count
     cpus = _cpus_to_pin(count) if server.config.pin_cpu else None
-    due = {i: 0.0 for i in range(count)}
+    due = {}                            # worker index -> when to restart it
+    metrics = None
+    if server.metrics:
+        # only the supervisor serves /metrics; workers close their copy
+        metrics = Server(server.config)
+        metrics.servers, metrics.metrics = [], server.metrics
+        metrics.counters = server.counters
 
     def spawn(index):
         # a SIGTERM to a new worker waits, blocked, until it has its own handlers
@@ -2884,16 +2904,9 @@ def _supervise(server, signals=None):
         workers[pid] = index
         starts[index] = time.monotonic()
 
-    metrics = None
-    if server.metrics:
-        # only the supervisor serves /metrics; workers close their copy
-        metrics = Server(server.config)
-        metrics.servers, metrics.metrics = [], server.metrics
-        metrics.counters = server.counters
     try:
         for index in range(count):
             spawn(index)
-        due.clear()
         if metrics:
             server.metrics = None
             metrics.start()
@@ -2902,7 +2915,7 @@ def _supervise(server, signals=None):
             for index, when in list(due.items()):
                 if now >= when:
                     del due[index]
-                    slots[index]._array[Stats.names.index("connections_active")] = 0
+                    slots[index].set("connections_active", 0)     # its sessions died with it
                     spawn(index)
             signals.wait(min(due.values()) - now if due else None)
             if signals.stop:        # workers ended by the same Ctrl-C are not restarted
