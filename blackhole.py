@@ -1093,7 +1093,8 @@ def parse_proxy_v1(data):
     words = data[:end].split(b" ")
     if len(words) >= 2 and words[1] == b"UNKNOWN":
         return None, end + 2
-    if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6"):
+    if len(words) != 6 or words[1] not in (b"TCP4", b"TCP6") or \
+            b"%" in words[2] + words[3]:    # ipaddress takes scope ids, any text
         raise ValueError("malformed PROXY v1 header")
     try:
         src = ipaddress.ip_address(words[2].decode("ascii"))
@@ -1161,6 +1162,10 @@ def _tls_context(config, less_secure=False):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # a timeout or stop wakes a session by shutting down the socket's reading
+    # side; OpenSSL 3 would take that EOF for a truncation and end the TLS
+    # session with an alert, so the 421 could not be sent
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     if not less_secure:
         context.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
     context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
@@ -1558,6 +1563,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if pos < len(buf):      # pipelined: the line may be here already
             end = buf.find(b"\n", pos)
             if 0 <= end < pos + limit:
+                if self.shared.stopping.is_set():   # no recv() is left to notice
+                    raise _Shutdown()
                 self._pos = end + 1
                 return buf[pos:end + 1]
             buf, end = buf[pos:], (end - pos if end >= 0 else -1)
@@ -1925,14 +1932,18 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         return dot_issue
 
     def _read_exact(self, count, checks, header, parts):
-        """Read one BDAT chunk of `count` octets (RFC 3030)."""
+        """Read one BDAT chunk of `count` octets (RFC 3030).
+
+        As in DATA, the timeout runs until a line ends (4.5), so a client
+        trickling octets into a chunk is cut off too."""
         env, feed = self.envelope, _feed(checks, header)
         self._start_clock()
         while count:
             buf, pos = self._buf, self._pos
             if pos >= len(buf):
                 buf, pos = self._recv(), 0
-                self._start_clock()
+                if buf.find(b"\n") >= 0:
+                    self._start_clock()
             seg = buf[pos:pos + count]
             self._buf, self._pos = buf, pos + len(seg)
             count -= len(seg)

@@ -5,6 +5,7 @@ size: threads and file descriptors return to where they started.
 """
 
 import base64
+import io
 import itertools
 import logging
 import os
@@ -331,6 +332,15 @@ class TimeTest(_LeakCheck, ServerTestCase):
         return time.monotonic()
 
     @staticmethod
+    def bdat_trickle(client):
+        """BDAT content has no lines to wait for: a trickle is cut off too."""
+        client.send(b"EHLO localhost\r\nMAIL FROM:<a@example.com>\r\n"
+                    b"RCPT TO:<b@example.com>\r\nBDAT 100000 LAST\r\n")
+        for _ in range(3):
+            client.reply()
+        return _trickle(client, itertools.repeat(ord("x")))
+
+    @staticmethod
     def mid_auth(client):
         client.send(b"AUTH LOGIN\r\n")
         client.reply()
@@ -362,6 +372,7 @@ class TimeTest(_LeakCheck, ServerTestCase):
             "trickle": (self.trickle, plain, True),
             "mid-DATA": (self.mid_data, plain, True),
             "mid-BDAT": (self.mid_bdat, plain, True),
+            "BDAT trickle": (self.bdat_trickle, plain, True),
             "mid-AUTH": (self.mid_auth, plain, True),
             "TLS silent": (self.tls_silent, tls, False),
             "TLS half hello": (self.tls_half_hello, tls, False),
@@ -389,6 +400,30 @@ class TimeTest(_LeakCheck, ServerTestCase):
         self.assertBackToBaseline("stalled clients")
         with self.smtp() as client:             # and everyone else is still served
             self.assertEqual(client.sendmail("a@example.com", ["b@example.com"], MESSAGE), {})
+
+
+class StopTest(ServerTestCase):
+    """stop() within 2 s (SPEC 2) even while sessions work through pipelined
+    input they have already read, debug logging each reply line."""
+
+    def test_pipelined_input_is_not_worked_through(self):
+        logger = logging.getLogger("blackhole")
+        handler = logging.StreamHandler(io.StringIO())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+        self.addCleanup(logger.setLevel, level)
+        self.addCleanup(logger.removeHandler, handler)
+        server = self.start_server()        # reads the level as sessions start
+        batch = b"EXPN all\r\n" * 6000     # 60 KB: 6,000 replies of 6 lines each
+        clients = [self.raw(server) for _ in range(4)]
+        for client in clients:
+            client.sock.sendall(batch)      # never read: replies pile up unsent
+        wait_until(lambda: server.stats["connections_active"] == 4, message="4 sessions")
+        started = time.monotonic()
+        server.stop()
+        self.assertLess(time.monotonic() - started, 2.0)
 
 
 # ###########################################################################

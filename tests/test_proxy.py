@@ -82,6 +82,8 @@ class ParseProxyTest(unittest.TestCase):
         b"PROXY TCP4 2001:db8::7 2001:db8::1 1 25\r\n",       # wrong family
         b"PROXY TCP6 203.0.113.7 127.0.0.1 1 25\r\n",         # wrong family
         b"PROXY TCP4 203.0.113.7 2001:db8::1 1 25\r\n",       # mixed families
+        b"PROXY TCP6 fe80::1%\nforged fe80::2 1 25\r\n",     # a scope id: a line in logs
+        b"PROXY TCP6 fe80::1%eth0 fe80::2 1 25\r\n",
         b"PROXY UNKNOWN " + b"f" * 92 + b"\r\n",              # 108 octets
         b"PROXY TCP4 " + b"1" * 200,                          # no end in 107 octets
         b"PROXY " + b" " * 101,

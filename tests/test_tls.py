@@ -347,6 +347,46 @@ class HandshakeIsolationTest(TLSCase):
         self.assertEqual(self.smtp_ssl(bounded).noop(), (250, b"2.0.0 OK"))
 
 
+class TLSRepliesOnTheWayOutTest(TLSCase):
+    """The 421s of sections 4.5 and 2 reach TLS clients too: waking a session
+    shuts down the socket's reading side, which OpenSSL 3 would otherwise
+    take for a truncation and answer with a fatal alert."""
+
+    options = dict(TLSCase.options, timeout=1)
+
+    def transaction(self, client):
+        client.cmd(b"EHLO localhost")
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        client.send(b"Subject: half\r\n")
+
+    def test_timeout(self):
+        for name, connect in (("SMTPS", self.raw_tls), ("STARTTLS", self.raw_starttls)):
+            with self.subTest(name):
+                client = connect()
+                self.transaction(client)
+                self.assertEqual(client.line(),
+                                 b"421 4.4.2 %s Error: timeout exceeded\r\n" % HOST.encode())
+
+    def test_stop(self):
+        clients = [self.raw_tls(), self.raw_starttls()]
+        for client in clients:
+            self.transaction(client)
+        wait_until(lambda: self.server.stats["bytes_received"] == 0 and
+                   self.server.stats["connections_active"] == 2, message="both mid-DATA")
+        self.server.stop()
+        for client in clients:
+            self.assertEqual(client.line(),
+                             b"421 4.3.2 %s Service shutting down\r\n" % HOST.encode())
+
+    def raw_starttls(self):
+        client = self.raw()
+        client.cmd(b"EHLO localhost")
+        self.starttls(client)
+        return client
+
+
 class ContextTest(TLSCase):
     """The server context of SPEC 6."""
 
