@@ -454,7 +454,8 @@ class Config:
         values = dict(self._defaults)
         for name, value in options.items():
             if name not in OPTIONS:
-                raise ConfigError("%s: %s = %s: unknown option" % (source, name, value))
+                raise ConfigError("%s: %s = %s: unknown option" % (
+                    source, name, str(value).replace("\n", "\\n")))
             if value is not None:       # None: the default
                 values[name] = value
         for name, value in values.items():

@@ -455,6 +455,7 @@ class ConfigFileTest(unittest.TestCase):
         self.assertFileError("hostname = bh.test\npidfile = /tmp/p.pid\n    mode = bounce\n",
                              "pidfile = /tmp/p.pid\\nmode = bounce: one value only; "
                              "is the line after it indented?")
+        self.assertFileError("colour = red\n  blue\n", "colour = red\\nblue: unknown option")
 
     def test_none_is_the_default(self):
         """Server(option=None), as SPEC 9's keyword arguments: the default."""
