@@ -1414,6 +1414,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_address = 256               # characters of a path, RFC 5321 4.5.3.1.3: else
                                     # 1000 recipients of 12 KB would keep 12 MB a session
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
+    max_queued = 256                # replies held for one write (4.6): EXPN's replies
+                                    # are 18x its size, so a pipelined flood is bounded
 
     # ----- session life -------------------------------------------------
 
@@ -1597,7 +1599,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if self._debug:
             for line in text.splitlines():
                 log.debug("%s < %s", self.peer, line)
-        self._out.append(text.encode("utf-8", "surrogateescape"))
+        out = self._out
+        out.append(text.encode("utf-8", "surrogateescape"))
+        if len(out) >= self.max_queued:
+            self._flush()
 
     def _flush(self):
         """Write every queued reply at once (section 4.6)."""

@@ -249,6 +249,25 @@ class BytesTest(_LeakCheck, ServerTestCase):
                 self.assertEqual(server.stats["bytes_received"], len(header) - 3)
                 self.assertEqual(server.stats["sender_issues_long_line"], 1)
 
+    def test_pipelined_replies_in_bounded_memory(self):
+        """64 KB of pipelined `EXPN all` asks for 1.2 MB of replies: they go
+        out in writes of max_queued, not all kept for one."""
+        batch = b"EXPN all\r\n" * 6500
+        client = self.raw()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            client.send(batch)
+            first = client.reply()
+            same = sum(client.reply() == first for _ in range(6499))    # none kept here
+            peak = tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+        self.assertTrue(first.startswith(b"250-"), first)
+        self.assertEqual(same, 6499)
+        self.assertLess(peak, 512 * 1024, "peak %d octets traced" % peak)
+
     def test_ten_megabyte_data_line_in_bounded_memory(self):
         chunk = b"x" * 65536
         count = 160                                     # 10 MiB in one line
