@@ -5,6 +5,7 @@ unittest never sees; the hook below makes the run fail on it.
 """
 
 import atexit
+import faulthandler
 import os
 import sys
 
@@ -26,3 +27,6 @@ def _check():
 
 sys.unraisablehook = _hook
 atexit.register(_check)
+# A hang (a session thread that never ends, a stop() that waits on it) would
+# stall the run instead of failing it: dump every thread's stack and exit.
+faulthandler.dump_traceback_later(240, exit=True)

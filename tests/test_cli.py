@@ -4,6 +4,7 @@ import base64
 import concurrent.futures
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -274,7 +275,7 @@ class RunningTest(unittest.TestCase):
     def test_sigterm_mid_data_and_listener_delay(self):
         """Also SIGUSR1 (one counters line per signal) and the pidfile."""
         pidfile = os.path.join(tempfile.mkdtemp(prefix="blackhole-cli-"), "bh.pid")
-        self.addCleanup(os.rmdir, os.path.dirname(pidfile))
+        self.addCleanup(shutil.rmtree, os.path.dirname(pidfile), True)   # kept on a failure
         process = self.start("listen = 127.0.0.1:0, 127.0.0.1:0 delay=5\n"
                              "hostname = bh.test\npidfile = %s\n" % pidfile)
         plain, delayed = process.ports(2)

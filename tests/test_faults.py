@@ -7,6 +7,7 @@ import smtplib
 import threading
 import time
 import unittest
+from unittest import mock
 
 import blackhole
 from tests.support import HOST, TIMEOUT, RawClient, ServerTestCase, wait_until
@@ -530,6 +531,34 @@ class WaitsTest(unittest.TestCase):
 # ###########################################################################
 # Backpressure (10.3)
 # ###########################################################################
+
+class DelaySumTest(ServerTestCase):
+    """Delays add up, left to right and over addresses, at most 60 s in all
+    (10.1). _wait records the seconds instead of sleeping."""
+
+    options = {"capture": 1}
+
+    def setUp(self):
+        self.waits = []
+        patcher = mock.patch.object(blackhole.SMTPHandler, "_wait",
+                                    lambda handler, seconds: self.waits.append(seconds))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
+
+    def test_delays_add_up_to_sixty(self):
+        client = self.raw()
+        client.cmd(b"EHLO localhost")
+        for command, reply in (
+                (b"MAIL FROM:<delay-2.delay-3.data-delay-40=a@example.com>", b"250 2.1.0 OK"),
+                (b"RCPT TO:<data-delay-30=b@example.com>", b"250 2.1.5 OK"),
+                (b"RCPT TO:<delay-40.delay-30=c@example.com>", b"250 2.1.5 OK"),
+                (b"DATA", b"354 End data with <CR><LF>.<CR><LF>"),
+                (b"Subject: x\r\n\r\nhi\r\n.", b"250 2.0.0 OK: queued as ")):
+            with self.subTest(command=command):
+                self.assertTrue(client.cmd(command).startswith(reply))
+        self.assertEqual([w for w in self.waits if w], [5, 60, 60])
+
 
 class TokenBucketTest(unittest.TestCase):
 

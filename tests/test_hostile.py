@@ -351,6 +351,15 @@ class TimeTest(_LeakCheck, ServerTestCase):
         return time.monotonic()
 
     @staticmethod
+    def data_trickle(client):
+        """Octets inside DATA, never a whole line, until the server answers."""
+        client.send(b"HELO localhost\r\nMAIL FROM:<a@example.com>\r\n"
+                    b"RCPT TO:<b@example.com>\r\nDATA\r\n")
+        for _ in range(4):
+            client.reply()
+        return _trickle(client, itertools.repeat(ord("x")))
+
+    @staticmethod
     def bdat_trickle(client):
         """BDAT content has no lines to wait for: a trickle is cut off too."""
         client.send(b"EHLO localhost\r\nMAIL FROM:<a@example.com>\r\n"
@@ -391,6 +400,7 @@ class TimeTest(_LeakCheck, ServerTestCase):
             "trickle": (self.trickle, plain, True),
             "mid-DATA": (self.mid_data, plain, True),
             "mid-BDAT": (self.mid_bdat, plain, True),
+            "DATA trickle": (self.data_trickle, plain, True),
             "BDAT trickle": (self.bdat_trickle, plain, True),
             "mid-AUTH": (self.mid_auth, plain, True),
             "TLS silent": (self.tls_silent, tls, False),

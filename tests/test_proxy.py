@@ -289,9 +289,10 @@ class ProxyListenerTest(ServerTestCase):
         self.assertEqual(server.stats["tls_success"], 1)
         # a handshake without the header first is closed
         client = self.raw(server, server.tls_address, greeting=False)
-        with self.assertRaises((ssl.SSLError, OSError)):
+        with self.assertRaises((ssl.SSLError, OSError)) as caught:
             client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
             client.line()
+        self.assertNotIsInstance(caught.exception, socket.timeout)     # closed, not held
 
     def test_flood_of_stalled_headers(self):
         count = 500

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import unittest
+from unittest import mock
 
 import blackhole
 from tests.support import CERT, KEY, TIMEOUT, RawClient, ServerTestCase, wait_until
@@ -443,6 +444,29 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.reply(), TOO_BIG)
         self.assertEqual(raw.cmd(b"NOOP"), OK)
         self.assertEqual(server.stats["messages_too_big"], 2)
+
+
+class SmallReadsTest(ServerTestCase):
+    """Reads of 1 to 3 octets split the data everywhere, the end marker
+    included: the same data, replies and pipelined command after it."""
+
+    options = {"capture": 3}
+
+    def test_every_split(self):
+        data = b"Subject: x\r\n\r\n..dot\r\n..\r\nx.\r\n"
+        for size in (1, 2, 3):
+            with self.subTest(read_size=size):
+                with mock.patch.object(blackhole.SMTPHandler, "read_size", size):
+                    client = self.raw()
+                    client.send(b"HELO x\r\nMAIL FROM:<a@example.com>\r\n"
+                                b"RCPT TO:<b@example.com>\r\nDATA\r\n" + data +
+                                b".\r\nNOOP\r\n")
+                    replies = [client.reply() for _ in range(6)]
+                self.assertEqual(replies[3], b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                self.assertRegex(replies[4], ACCEPTED)
+                self.assertEqual(replies[5], b"250 2.0.0 OK\r\n")
+                self.assertEqual(self.server.messages[-1].data,
+                                 b"Subject: x\r\n\r\n.dot\r\n.\r\nx.\r\n")
 
 
 class LineDotSearchTest(unittest.TestCase):
