@@ -87,6 +87,15 @@ def _trickle(client, octets):
     return started
 
 
+def _start_message(client, last):
+    """EHLO, MAIL, RCPT and `last` (DATA, or BDAT and part of its chunk) in
+    one send; reads their replies (a 354 to DATA, none yet to BDAT)."""
+    client.send(b"EHLO localhost\r\nMAIL FROM:<a@example.com>\r\n"
+                b"RCPT TO:<b@example.com>\r\n" + last)
+    for _ in range(4 if last.startswith(b"DATA") else 3):
+        client.reply()
+
+
 def _client_hello():
     """The first flight of a real TLS client, as bytes."""
     context = ssl.create_default_context(cafile=CA)
@@ -335,37 +344,25 @@ class TimeTest(_LeakCheck, ServerTestCase):
 
     @staticmethod
     def mid_data(client):
-        client.send(b"HELO localhost\r\nMAIL FROM:<a@example.com>\r\n"
-                    b"RCPT TO:<b@example.com>\r\nDATA\r\n")
-        for _ in range(4):
-            client.reply()
+        _start_message(client, b"DATA\r\n")
         client.send(b"Subject: stalled\r\n\r\nhalf a li")
         return time.monotonic()
 
     @staticmethod
     def mid_bdat(client):
-        client.send(b"EHLO localhost\r\nMAIL FROM:<a@example.com>\r\n"
-                    b"RCPT TO:<b@example.com>\r\nBDAT 1000 LAST\r\nonly ten..")
-        for _ in range(3):
-            client.reply()
+        _start_message(client, b"BDAT 1000 LAST\r\nonly ten..")
         return time.monotonic()
 
     @staticmethod
     def data_trickle(client):
         """Octets inside DATA, never a whole line, until the server answers."""
-        client.send(b"HELO localhost\r\nMAIL FROM:<a@example.com>\r\n"
-                    b"RCPT TO:<b@example.com>\r\nDATA\r\n")
-        for _ in range(4):
-            client.reply()
+        _start_message(client, b"DATA\r\n")
         return _trickle(client, itertools.repeat(ord("x")))
 
     @staticmethod
     def bdat_trickle(client):
         """BDAT content has no lines to wait for: a trickle is cut off too."""
-        client.send(b"EHLO localhost\r\nMAIL FROM:<a@example.com>\r\n"
-                    b"RCPT TO:<b@example.com>\r\nBDAT 100000 LAST\r\n")
-        for _ in range(3):
-            client.reply()
+        _start_message(client, b"BDAT 100000 LAST\r\n")
         return _trickle(client, itertools.repeat(ord("x")))
 
     @staticmethod
