@@ -1472,6 +1472,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             except _Shutdown:
                 self._last_reply(421, "4.3.2 %s Service shutting down" % self.hostname)
             else:
+                self._leave()
                 self._flush()
         except (_Disconnect, OSError, ssl.SSLError) as exc:
             if self._debug:
@@ -1481,8 +1482,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self._last_reply(451, "4.3.0 Requested action aborted: local error in processing")
 
     def finish(self):
-        if self.admitted:
-            self.shared.close_session(self.peer)
+        self._leave()
         if self.sock is not self.request:      # a TLS socket of our own
             try:
                 self.sock.setblocking(False)    # send close_notify, never wait
@@ -1497,20 +1497,30 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if self.listener.proxy:
             self._read_proxy_header()
         refusal = self.shared.open_session(self.peer)
-        if refusal:
-            log.info("refused %s: %s", self.peer, refusal.split(" ", 2)[-1])
-            self._last_reply(421, refusal)
-            return
-        self.admitted = True
+        self.admitted = refusal is None
         if self._debug:
             log.debug("%s connected to %s", self.peer,
                       _hostport(*self.server.server_address[:2]))
-        if self.listener.tls:
+        if self.listener.tls:       # TLS from the first octet: the 421 too, but a
+            if refusal:             # refused client gets no more time than for it
+                self._timeout = self.final_write_timeout
             self._start_tls()
+        if refusal:
+            if self._debug:
+                log.debug("%s refused: %s", self.peer, refusal.split(" ", 2)[-1])
+            self._last_reply(421, refusal)
+            return
         self.reset()
         self.reply(220, "%s ESMTP" % self.hostname)
         while not self.closing:
             self.handle_one_command()
+
+    def _leave(self):
+        """Leave the session counts before the last reply is written, so
+        a client that read it may scrape or connect again (section 8)."""
+        if self.admitted:
+            self.admitted = False
+            self.shared.close_session(self.peer)
 
     def reset(self):
         """Clear the transaction: a fresh Envelope (RSET, HELO, end of data)."""
@@ -1619,6 +1629,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def _last_reply(self, code, text):
         """A reply before closing, to a client that may not be reading."""
+        self._leave()
         self.reply(code, text)
         self.closing = True
         try:
@@ -1958,6 +1969,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 feed(seg)
             if parts is not None and env.size <= self.config.max_message_size:
                 parts.append(seg)
+        self._buf, self._pos = self._buf[self._pos:], 0     # no content kept (4.2)
         self.deadline = None
 
     def _end_of_data(self, checks, header, parts):
@@ -2462,6 +2474,9 @@ class Server:
     ephemeral port.  less_secure is `-ls`: no single-use (EC)DH keys.
     """
 
+    stuck_after = 0.25      # seconds in which no session ended: stop() gives up on
+                            # the 421 to the rest, blocked writing to clients not reading
+
     def __init__(self, config=None, capture=0, on_message=None, less_secure=False,
                  **options):
         if config is None:
@@ -2568,18 +2583,30 @@ class Server:
 
     def _close_sessions(self, grace):
         """Wake every session blocked on a read (it says 421 and ends), then
-        end the threads waiting between sessions."""
+        end the threads waiting between sessions.
+
+        Sessions are waited for while they keep ending, up to `grace`
+        seconds; once none ends for `stuck_after` seconds, the rest are
+        writing to clients that do not read, and their sockets are shut.
+        """
         shared = self.shared
         with shared.lock:
             sessions = list(shared.sessions.items())
         for _, session in sessions:
             _shutdown(getattr(session, "sock", session), socket.SHUT_RD)
         deadline = time.monotonic() + grace
+        while sessions and time.monotonic() < deadline:
+            waiting = len(sessions)
+            until = min(deadline, time.monotonic() + self.stuck_after)
+            for thread, _ in sessions:
+                thread.join(max(until - time.monotonic(), 0))
+            sessions = [(thread, s) for thread, s in sessions if thread.is_alive()]
+            if len(sessions) == waiting:
+                break
         for thread, session in sessions:
-            thread.join(max(deadline - time.monotonic(), 0))
-            if thread.is_alive():       # stuck writing to a client not reading
-                _shutdown(getattr(session, "sock", session), socket.SHUT_RDWR)
-                thread.join()
+            _shutdown(getattr(session, "sock", session), socket.SHUT_RDWR)
+        for thread, _ in sessions:
+            thread.join()
         with shared.lock:
             idle, shared.idle = shared.idle, {}
         for parked in idle.values():

@@ -1,14 +1,17 @@
 """Embedding blackhole in a test suite (SPEC section 9)."""
 
+import fcntl
 import os
 import smtplib
 import socket
+import struct
 import sys
+import termios
 import threading
 import time
 import tracemalloc
 import unittest
-from contextlib import closing
+from contextlib import closing, suppress
 from unittest import mock
 
 import blackhole
@@ -416,6 +419,56 @@ class MemoryTest(ServerTestCase):
         self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as <"), reply)
         self.assertLess(peak, 3 * 1024 * 1024)
 
+    def test_an_idle_session_holds_no_content(self):
+        """After the reply, the session's read buffer has none of the message,
+        however the client's writes fell (DATA, BDAT, a pipelined BDAT)."""
+        marker = b"content-" * 4000                     # 32,000 octets, one block
+        bdat = b"BDAT %d LAST\r\n" % len(marker)
+        cases = {       # the client's writes, then one reply to the message
+            "DATA": [b"DATA\r\n", b"Subject: x\r\n\r\n" + marker + b"\r\n.\r\n"],
+            "BDAT": [bdat, marker],
+            "pipelined BDAT": [bdat + marker],
+        }
+        for name, writes in cases.items():
+            with self.subTest(name):
+                raw = self.raw()
+                self.assertEqual(raw.cmd(b"EHLO x")[:4], b"250-")
+                raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+                self.assertEqual(raw.reply() + raw.reply(), b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
+                for data in writes:
+                    raw.send(data)
+                reply = raw.reply()
+                if name == "DATA":
+                    self.assertEqual(reply, b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    reply = raw.reply()
+                self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as <"), reply)
+                with self.server.shared.lock:
+                    session = [h for h in self.server.shared.sessions.values()
+                               if h.sock.getpeername() == raw.sock.getsockname()][0]
+                self.assertEqual(session._buf.find(b"content-"), -1)
+                raw.close()
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "TIOCOUTQ is Linux's")
+    def test_stop_is_prompt_with_a_client_not_reading(self):
+        server = self.start_server()
+        raw = self.raw(server)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.sock.setblocking(False)
+        with suppress(BlockingIOError):     # EXPN's replies are 18x its size
+            for _ in range(200):
+                raw.sock.send(b"EXPN all\r\n" * 2000)
+        session, = server.shared.sessions.values()
+        unsent = []
+
+        def stuck():    # the server's unsent replies no longer change
+            unsent.append(struct.unpack("i", fcntl.ioctl(
+                session.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+            return unsent[-1] > 65536 and unsent[-3:] == [unsent[-1]] * 3
+        wait_until(stuck, message="the session to be stuck writing")
+        started = time.monotonic()
+        server.stop()
+        self.assertLess(time.monotonic() - started, 1.0)    # stuck_after, not grace's 1.5 s
+        self.assertEqual(server.stats["connections_active"], 0)
 
 if __name__ == "__main__":
     unittest.main()

@@ -522,7 +522,8 @@ class HAProxyTest(unittest.TestCase):
         line = r"^blackhole: debug: 127\.0\.0\.1 port \d+: PROXY header for 127\.0\.0\.2 " \
             r"port %d$" % first.sock.getsockname()[1]
         self.assertRegex(read_text(self.logs["bh2"]), re.compile(line, re.M))
-        self.assertIn("blackhole: refused 127.0.0.2: Too many connections from your address",
+        self.assertIn("blackhole: debug: 127.0.0.2 refused: Too many connections from your "
+                      "address",
                       read_text(self.logs["bh2"]))
         first.quit()
         other.quit()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import unittest
 import warnings
+from unittest import mock
 
 import blackhole
 from tests.support import (CA, CERT, CERTS, HOST, KEY, ROOT, TIMEOUT, RawClient,
@@ -177,6 +178,29 @@ class TLSListenTest(TLSCase):
         self.addCleanup(client.close)
         with self.assertRaises(ssl.SSLCertVerificationError):
             client_context().wrap_socket(client.sock, server_hostname="bh.invalid")
+
+
+class TLSRefusalTest(TLSCase):
+    """A refusal on a tls_listen port comes over TLS too (sections 6, 10.3)."""
+
+    options = dict(TLSCase.options, max_connections_per_ip=1)
+
+    def test_smtps_client_reads_the_421(self):
+        first = self.smtp_ssl()
+        with self.assertRaises(smtplib.SMTPConnectError) as caught:
+            self.smtp_ssl()
+        self.assertEqual((caught.exception.smtp_code, caught.exception.smtp_error),
+                         (421, b"4.7.0 bh.test Too many connections from your address"))
+        self.assertEqual(first.noop(), (250, b"2.0.0 OK"))
+        self.assertEqual(self.server.stats["faults_connections_per_ip"], 1)
+
+    def test_a_silent_refused_client_is_not_kept(self):
+        first = self.smtp_ssl()
+        with mock.patch.object(blackhole.SMTPHandler, "final_write_timeout", 0.1):
+            silent = RawClient(self.server.tls_address)     # never shakes hands
+            self.addCleanup(silent.close)
+            self.assertTrue(silent.closed())    # within the reaper's 1 s, not timeout's 30
+        self.assertEqual(first.noop(), (250, b"2.0.0 OK"))
 
 
 class TLSListenECDSATest(TLSListenTest):
