@@ -1379,7 +1379,20 @@ _PARAM_VALUES = {       # RFC 1870, 6152 and 3030, 3461
     "BODY": re.compile(r"(?:7BIT|8BITMIME|BINARYMIME)\Z", re.I),
     "RET": re.compile(r"(?:FULL|HDRS)\Z", re.I),
 }
-_DELAY_RE = re.compile(r"^(\d{1,9})\s*(?:,\s*(\d{1,9}))?$", re.A)
+_DELAY_RE = re.compile(r"^(\d+)\s*(?:,\s*(\d+))?$", re.A)
+
+
+def _delay_seconds(digits):
+    """X-Blackhole-Delay's whole seconds, at most MAX_DELAY however many
+    digits (int() refuses over 4300)."""
+    digits = digits.lstrip("0")
+    return MAX_DELAY if len(digits) > 2 else min(int(digits or "0"), MAX_DELAY)
+
+
+def _without_smtputf8(arg):
+    """VRFY's or EXPN's argument without RFC 6531's SMTPUTF8 parameter."""
+    words = arg.rsplit(None, 1)
+    return words[0] if len(words) == 2 and words[1].upper() == "SMTPUTF8" else arg
 
 
 def _printable(text):
@@ -1661,9 +1674,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             verb, _, arg = text.partition(" ")
             name = verb.upper() if verb.isascii() else ""     # "ſ".upper() is "S"
             if self._debug:     # an unknown verb may be a password sent out of turn (5)
-                log.debug("%s > %r", self.peer, name + " " + arg.split(" ", 1)[0]
-                          if name == "AUTH" else text if name in self.verbs
-                          else "(unknown, %d octets)" % len(line))
+                log.debug("%s > %r", self.peer, self._loggable(name, arg, text, line))
             if self.config.strict and name != "AUTH" and len(line) > self.max_strict_line:
                 self._unknown(500, "5.5.2 Line too long")
             method = self.verbs.get(name)
@@ -1674,6 +1685,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self.reply(err.code, err.text)
             if err.close:
                 self.closing = True
+
+    def _loggable(self, name, arg, text, line):
+        """A command line for the debug log, without credentials (5)."""
+        if name == "AUTH":      # as smtp_AUTH reads it
+            mechanism = arg.strip().partition(" ")[0]
+            return "AUTH " + (mechanism if mechanism.upper() in self.auth_mechanisms
+                              else "(unknown mechanism)")
+        return text if name in self.verbs else "(unknown, %d octets)" % len(line)
 
     def _unknown(self, code=502, text="5.5.2 Command not recognised"):
         self.unknown += 1
@@ -1749,7 +1768,19 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reply(250, "2.1.0 OK")
 
     def smtp_RCPT(self, arg):
-        strict, env = self.config.strict, self.envelope
+        env = self.envelope
+        try:
+            address, plan = self._recipient(env, arg)
+        except SMTPError:
+            env.refused += 1        # whatever the reason: 554 if none is accepted (4.7)
+            raise
+        env.rcpt_tos.append(address)
+        env.rcpt_plans.append(plan)
+        self.reply(250, "2.1.5 OK")
+
+    def _recipient(self, env, arg):
+        """RCPT's checks, in order: (address, directives), or SMTPError."""
+        strict = self.config.strict
         if strict and env.mail_from is None:
             raise SMTPError.bad_sequence()
         path = parse_path(arg, "TO", strict)
@@ -1766,21 +1797,15 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             raise SMTPError(452, "4.5.3 Too many recipients")
         env.utf8_address = env.utf8_address or not address.isascii()
         plan = parse_directives(address)
-        try:
-            if plan:
-                self._act_now(plan, address, "rcpt")
-            if self.greylist:
-                greylist = self.shared.greylist(self.greylist)
-                if greylist.check(_digest(self.peer, env.mail_from or "", address)):
-                    self.shared.stats.add("faults_greylist")
-                    raise SMTPError(451, "4.7.1 Greylisted, try again in %d seconds"
-                                    % self.greylist)
-        except SMTPError:
-            env.refused += 1
-            raise
-        env.rcpt_tos.append(address)
-        env.rcpt_plans.append(plan)
-        self.reply(250, "2.1.5 OK")
+        if plan:
+            self._act_now(plan, address, "rcpt")
+        if self.greylist:
+            greylist = self.shared.greylist(self.greylist)
+            if greylist.check(_digest(self.peer, env.mail_from or "", address)):
+                self.shared.stats.add("faults_greylist")
+                raise SMTPError(451, "4.7.1 Greylisted, try again in %d seconds"
+                                % self.greylist)
+        return address, plan
 
     @staticmethod
     def _check_params(params, known):
@@ -1805,8 +1830,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_DATA(self, arg):
         if arg and self.config.strict:
             raise SMTPError.syntax("DATA")
-        if self.bdat is not None and self.config.strict:
-            raise SMTPError.bad_sequence()
+        if self.config.strict and (self.bdat is not None or str(
+                self.envelope.mail_options.get("BODY", "")).upper() == "BINARYMIME"):
+            raise SMTPError.bad_sequence()     # BINARYMIME needs BDAT (RFC 3030 3)
         self._check_recipients()
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         checks, header, parts = self._message_readers()
@@ -1863,9 +1889,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             raise SMTPError(501, "Supported commands: " + " ".join(verbs))
 
     def smtp_VRFY(self, arg):
+        arg = _without_smtputf8(arg)
         if not arg:
             raise SMTPError.syntax("VRFY")
-        address = "<%s>" % _printable(arg.strip("<>"))
+        start = arg.find("<")       # "Bob <bob@example.com>": the mailbox
+        mailbox = arg[start + 1:].partition(">")[0] if start >= 0 else arg
+        address = "<%s>" % _printable(mailbox)
         if "pass=" in arg:
             self.reply(250, "2.0.0 %s OK" % address)
         elif "fail=" in arg:
@@ -1874,7 +1903,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             self.reply(252, "2.0.0 Will attempt delivery")
 
     def smtp_EXPN(self, arg):
-        members = MAILING_LISTS.get(arg.strip("<>").lower())
+        members = MAILING_LISTS.get(_without_smtputf8(arg).strip("<>").lower())
         if not members:
             raise SMTPError(550, "5.7.1 Not authorised")
         self.reply(250, *("%s <%s@%s>" % (name.title(), name, self.hostname)
@@ -2042,8 +2071,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             mode = header.mode
         match = _DELAY_RE.match(header.delay or "")
         if match:
-            low = min(int(match.group(1)), MAX_DELAY)
-            high = min(int(match.group(2) or low), MAX_DELAY)
+            low = _delay_seconds(match.group(1))
+            high = _delay_seconds(match.group(2)) if match.group(2) else low
             if low <= high:
                 delay = (low, high)
         return mode, delay
@@ -2119,6 +2148,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         return user + b"\0" + self._challenge("UGFzc3dvcmQ6")
 
     def _auth_CRAM_MD5(self, initial):
+        if initial:     # server-first: only kura's raw pass=/fail= may come here
+            self._decode(initial)
+            raise SMTPError.syntax("AUTH")
         challenge = "<%d.%d@%s>" % (random.getrandbits(48), time.time(), self.hostname)
         return self._challenge(base64.b64encode(challenge.encode()).decode())
 

@@ -37,8 +37,12 @@ class NumbersTest(ServerTestCase):
         self.assertEqual(client.cmd(b"BDAT " + HUGE),
                          b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")
         self.assertEqual(client.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
-        reply = client.cmd(b"X-Blackhole-Delay: " + HUGE + b"\r\n\r\nhi\r\n.")
+        waits = []
+        with mock.patch.object(blackhole.SMTPHandler, "_wait",
+                               lambda handler, seconds: waits.append(seconds)):
+            reply = client.cmd(b"X-Blackhole-Delay: " + HUGE + b"\r\n\r\nhi\r\n.")
         self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as <"), reply)
+        self.assertEqual(waits, [60])       # above 60 is 60 (4.3), however long
         self.assertEqual(self.server.wait_for(1)[0].data, b"X-Blackhole-Delay: " + HUGE +
                          b"\r\n\r\nhi\r\n")
 

@@ -221,6 +221,12 @@ class RepliesTest(ServerTestCase):
                          b"252 2.0.0 Will attempt delivery\r\n")
         self.assertEqual(raw.cmd(b"VRFY"), b"501 5.5.4 Syntax: VRFY <address>\r\n")
         self.assertEqual(raw.cmd(b"VRFY "), b"501 5.5.4 Syntax: VRFY <address>\r\n")
+        # a name before the mailbox, and RFC 6531's parameter (curl sends it)
+        self.assertEqual(raw.cmd(b"VRFY Bob <pass=bob@example.com>"),
+                         b"250 2.0.0 <pass=bob@example.com> OK\r\n")
+        self.assertEqual(raw.cmd("VRFY pass=bøb@example.com SMTPUTF8".encode()),
+                         "250 2.0.0 <pass=bøb@example.com> OK\r\n".encode())
+        self.assertEqual(raw.cmd(b"VRFY SMTPUTF8"), b"252 2.0.0 Will attempt delivery\r\n")
 
     def expn(self, raw, name):
         reply = raw.cmd(b"EXPN " + name)
@@ -239,6 +245,7 @@ class RepliesTest(ServerTestCase):
         everyone = self.expn(raw, b"all")
         self.assertEqual(len(everyone), len(union))
         self.assertEqual(set(everyone), union)
+        self.assertEqual(self.expn(raw, b"list1 smtputf8"), lists[b"list1"])   # RFC 6531
         for command in (b"EXPN", b"EXPN nope", b"EXPN fail=list1", b"EXPN list4"):
             with self.subTest(command=command):
                 self.assertEqual(raw.cmd(command), b"550 5.7.1 Not authorised\r\n")
@@ -430,6 +437,18 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.cmd(b"NOOP"), OK)
         self.assertEqual(len(self.server.messages), 0)
 
+    def test_data_after_recipients_refused_for_any_reason(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:"), b"501 5.5.4 Syntax: RCPT TO: <address>\r\n")
+        self.assertEqual(raw.cmd(b"RCPT TO:<%s@example.com>" % (b"x" * 300)),
+                         b"501 5.1.3 Recipient address too long\r\n")
+        self.assertEqual(raw.cmd(b"DATA"), NO_VALID)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)   # some accepted
+        self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
+        raw.send(MESSAGE + b".\r\n")
+        self.assertRegex(raw.reply(), ACCEPTED)
+
     def test_size_is_the_unstuffed_content(self):
         content = b"Subject: x\r\n\r\n" + b".dot\r\n" * 10
         server = self.start_server(max_message_size=len(content), capture=5)
@@ -602,6 +621,16 @@ class StrictTest(ServerTestCase):
         self.assertEqual(raw.cmd(auth), b"235 2.7.0 Authentication successful\r\n")
         self.assertEqual(raw.cmd(b"QUIT now"), b"501 5.5.4 Syntax: QUIT\r\n")
         self.assertEqual(raw.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+
+    def test_binarymime_needs_bdat(self):
+        """RFC 3030 3: DATA after BODY=BINARYMIME is a bad sequence."""
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com> BODY=binarymime"), MAIL_OK)
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)
+        self.assertEqual(raw.cmd(b"DATA"), BAD_SEQUENCE)
+        raw.send(b"BDAT 16 LAST\r\nSubject: x\r\n\r\nhi")
+        self.assertRegex(raw.reply(), ACCEPTED)
 
     def test_every_refused_recipient_is_not_a_sequence_error(self):
         raw = self.raw()
