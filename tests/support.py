@@ -129,11 +129,20 @@ def write_config(testcase, text):
     return path
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
-    """A port that was free a moment ago (for subprocess configs only)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that was free a moment ago (for subprocess configs only), and
+    never one this process handed out before: a test asking for several
+    (HAProxyTest's six) must not get the same port twice."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def kill_group(proc):

@@ -132,9 +132,9 @@ class SilentReaderTest(ServerTestCase):
         self.addCleanup(writer.join)
         wait_until(lambda: self.server.stats["connections_active"] == 1, message="a session")
         started = time.monotonic()
-        wait_until(lambda: self.server.stats["connections_active"] == 0, timeout=6,
+        wait_until(lambda: self.server.stats["connections_active"] == 0,
                    message="the session cut off")
-        self.assertLess(time.monotonic() - started, 4)
+        self.assertLess(time.monotonic() - started, 8)  # 2 x timeout, and a busy host
         try:
             sock.shutdown(socket.SHUT_RDWR)     # ends the writer if it still waits
         except OSError:

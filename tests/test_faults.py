@@ -464,11 +464,14 @@ class WaitsTest(unittest.TestCase):
     def delayed_replies(cls):
         """Send each delayed command on its own session, then read the
         replies: [(reply, seconds it took)]."""
-        started = []
+        ready = []
         for before, command, _ in cls.DELAYS:
             client = cls.client(cls.delay_server)
             for line in before:
                 client.cmd(line)
+            ready.append((client, command))
+        started = []        # every session is set up: the delays start together
+        for client, command in ready:
             started.append((client, time.monotonic()))
             client.send(command + b"\r\n")
         return [(client.reply(), time.monotonic() - start) for client, start in started]
