@@ -2632,7 +2632,8 @@ class Server:
             until = min(deadline, time.monotonic() + self.stuck_after)
             for thread, _ in sessions:
                 thread.join(max(until - time.monotonic(), 0))
-            sessions = [(thread, s) for thread, s in sessions if thread.is_alive()]
+            sessions = [(thread, session) for thread, session in sessions
+                        if thread.is_alive()]
             if len(sessions) == waiting:
                 break
         for thread, session in sessions:
