@@ -1386,7 +1386,8 @@ def _delay_seconds(digits):
     """X-Blackhole-Delay's whole seconds, at most MAX_DELAY however many
     digits (int() refuses over 4300)."""
     digits = digits.lstrip("0")
-    return MAX_DELAY if len(digits) > 2 else min(int(digits or "0"), MAX_DELAY)
+    return MAX_DELAY if len(digits) > len(str(MAX_DELAY)) else \
+        min(int(digits or "0"), MAX_DELAY)
 
 
 def _without_smtputf8(arg):
@@ -1448,6 +1449,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self._timeout = config.timeout or None
         self.deadline = None            # when the line awaited now is overdue
         self.timed_out = False          # the reaper cut the session off
+        self.writing = False            # blocked in sendall (stop() looks)
         self._last_crlf = True          # the last command line ended with CRLF
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.tls = False
@@ -1455,7 +1457,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.authenticated = False
         self.unknown = 0
         self.closing = False
-        self.admitted = False
+        self.counted = False            # in the session counts (open_session)
         self.command_bare_lf = False    # section 11: since the last end of data
         self.mode = listener.mode or config.mode
         self.delay = listener.delay or config.delay
@@ -1485,8 +1487,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             except _Shutdown:
                 self._last_reply(421, "4.3.2 %s Service shutting down" % self.hostname)
             else:
-                self._leave()
-                self._flush()
+                self._last_flush()
         except (_Disconnect, OSError, ssl.SSLError) as exc:
             if self._debug:
                 log.debug("%s disconnected: %s", self.peer, exc or type(exc).__name__)
@@ -1510,14 +1511,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if self.listener.proxy:
             self._read_proxy_header()
         refusal = self.shared.open_session(self.peer)
-        self.admitted = refusal is None
+        self.counted = refusal is None
         if self._debug:
             log.debug("%s connected to %s", self.peer,
                       _hostport(*self.server.server_address[:2]))
-        if self.listener.tls:       # TLS from the first octet: the 421 too, but a
-            if refusal:             # refused client gets no more time than for it
-                self._timeout = self.final_write_timeout
-            self._start_tls()
+        if self.listener.tls:       # TLS from the first octet: the 421 too
+            self._start_tls(self.final_write_timeout if refusal else None)
         if refusal:
             if self._debug:
                 log.debug("%s refused: %s", self.peer, refusal.split(" ", 2)[-1])
@@ -1531,8 +1530,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def _leave(self):
         """Leave the session counts before the last reply is written, so
         a client that read it may scrape or connect again (section 8)."""
-        if self.admitted:
-            self.admitted = False
+        if self.counted:
+            self.counted = False
             self.shared.close_session(self.peer)
 
     def reset(self):
@@ -1596,6 +1595,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             buf, end = buf[pos:], (end - pos if end >= 0 else -1)
         else:                   # the usual: a client awaiting each reply
             buf, end = b"", -1
+        self._buf, self._pos = b"", 0   # keep nothing used while waiting (a BDAT chunk)
         self._start_clock()
         too_long = False
         while end < 0 or too_long or end >= limit:
@@ -1633,17 +1633,25 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            if self.deadline is None:   # a client that does not read is cut off too
+            self.writing = True         # stop() cuts off a client that does not read
+            if self.deadline is None:   # and so does the reaper
                 self._start_clock()
                 self.sock.sendall(data)
                 self.deadline = None
             else:
                 self.sock.sendall(data)
+            self.writing = False
 
     def _last_reply(self, code, text):
         """A reply before closing, to a client that may not be reading."""
-        self._leave()
         self.reply(code, text)
+        self._last_flush()
+
+    def _last_flush(self):
+        """Write what is queued before closing: out of the session counts
+        first (section 8), and within final_write_timeout, as a session no
+        longer counted must not linger on a client that does not read."""
+        self._leave()
         self.closing = True
         try:
             self.sock.settimeout(self.final_write_timeout)
@@ -1893,7 +1901,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if not arg:
             raise SMTPError.syntax("VRFY")
         start = arg.find("<")       # "Bob <bob@example.com>": the mailbox
-        mailbox = arg[start + 1:].partition(">")[0] if start >= 0 else arg
+        mailbox = arg[start + 1:].partition(">")[0] if start >= 0 else arg.strip("<>")
         address = "<%s>" % _printable(mailbox)
         if "pass=" in arg:
             self.reply(250, "2.0.0 %s OK" % address)
@@ -1998,7 +2006,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 feed(seg)
             if parts is not None and env.size <= self.config.max_message_size:
                 parts.append(seg)
-        self._buf, self._pos = self._buf[self._pos:], 0     # no content kept (4.2)
         self.deadline = None
 
     def _end_of_data(self, checks, header, parts):
@@ -2197,22 +2204,28 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.authenticated = False
         self.reset()
 
-    def _start_tls(self):
-        """Wrap the socket and shake hands in this thread, under the timeout."""
+    def _start_tls(self, refused_wait=None):
+        """Wrap the socket and shake hands in this thread, under the timeout.
+
+        A client refused at once gets `refused_wait` seconds by the socket's
+        own timeout (so even with timeout = 0), and its failure is no event."""
         sock = self.server.tls_context.wrap_socket(
             self.sock, server_side=True, do_handshake_on_connect=False)
         self.sock = sock
-        self._start_clock()
+        if refused_wait is None:
+            self._start_clock()
+        else:
+            sock.settimeout(refused_wait)
         try:
             sock.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             self.shared.stats.add("tls_failure")
+            if refused_wait is not None or self.shared.stopping.is_set():
+                raise _Disconnect("TLS handshake failed: %s" % exc) from None
             if self.timed_out:
                 self.shared.stats.add("timeouts")
                 log.info("TLS handshake with %s timed out", self.peer)
                 raise _Disconnect("TLS handshake timed out") from None
-            if self.shared.stopping.is_set():
-                raise _Disconnect("stopping") from None
             log.info("TLS handshake with %s failed: %s", self.peer,
                      getattr(exc, "reason", None) or exc)
             raise _Disconnect("TLS handshake failed") from None
@@ -2506,8 +2519,8 @@ class Server:
     ephemeral port.  less_secure is `-ls`: no single-use (EC)DH keys.
     """
 
-    stuck_after = 0.25      # seconds in which no session ended: stop() gives up on
-                            # the 421 to the rest, blocked writing to clients not reading
+    stuck_after = 0.1       # seconds: stop() gives up on a session still writing
+                            # after two of them: its client does not read
 
     def __init__(self, config=None, capture=0, on_message=None, less_secure=False,
                  **options):
@@ -2617,25 +2630,29 @@ class Server:
         """Wake every session blocked on a read (it says 421 and ends), then
         end the threads waiting between sessions.
 
-        Sessions are waited for while they keep ending, up to `grace`
-        seconds; once none ends for `stuck_after` seconds, the rest are
-        writing to clients that do not read, and their sockets are shut.
+        Sessions are waited for up to `grace` seconds, in rounds of
+        `stuck_after`; one found writing at the end of two rounds in a row
+        is writing to a client that does not read, and its socket is shut.
+        A session in on_message or a delay is waited for: its client reads.
         """
         shared = self.shared
         with shared.lock:
             sessions = list(shared.sessions.items())
         for _, session in sessions:
             _shutdown(getattr(session, "sock", session), socket.SHUT_RD)
-        deadline = time.monotonic() + grace
+        deadline, writing = time.monotonic() + grace, set()
         while sessions and time.monotonic() < deadline:
-            waiting = len(sessions)
             until = min(deadline, time.monotonic() + self.stuck_after)
             for thread, _ in sessions:
                 thread.join(max(until - time.monotonic(), 0))
             sessions = [(thread, session) for thread, session in sessions
                         if thread.is_alive()]
-            if len(sessions) == waiting:
-                break
+            stuck = writing
+            writing = {thread for thread, session in sessions
+                       if getattr(session, "writing", False)}
+            for thread, session in sessions:
+                if thread in stuck and thread in writing:
+                    _shutdown(session.sock, socket.SHUT_RDWR)
         for thread, session in sessions:
             _shutdown(getattr(session, "sock", session), socket.SHUT_RDWR)
         for thread, _ in sessions:

@@ -140,6 +140,26 @@ class SilentReaderTest(ServerTestCase):
         except OSError:
             pass
 
+    def test_replies_before_quit_to_a_client_not_reading_are_bounded(self):
+        """After QUIT the session is out of the counts, so its last write has
+        final_write_timeout, not the reaper's 2 x timeout (here: never)."""
+        server = self.start_server(timeout=0)
+        setup = blackhole.SMTPHandler.setup
+
+        def small_buffer(handler):      # as a link with a zero window would
+            setup(handler)
+            handler.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with mock.patch.object(blackhole.SMTPHandler, "setup", small_buffer), \
+                mock.patch.object(blackhole.SMTPHandler, "final_write_timeout", 0.1):
+            sock.connect(server.address)
+            sock.sendall(b"EXPN all\r\n" * 254 + b"QUIT\r\n")      # 100 KB of replies
+            wait_until(lambda: server.stats["connections_total"] == 1 and
+                       server.stats["connections_active"] == 0, message="QUIT")
+            wait_until(lambda: not server.shared.sessions, message="the session to end")
+
 
 def _send_quietly(sock, data):
     try:

@@ -180,6 +180,36 @@ class ThreadReuseTest(unittest.TestCase):
             self.assertFalse(session_thread.is_alive())     # joined, not left behind
             self.assertEqual(server.shared.idle, {})
 
+    def test_stop_waits_for_a_session_in_on_message(self):
+        """Its client reads, so it gets the reply to its message, then 421:
+        stop() cuts off only sessions stuck writing (a sender would
+        otherwise send again a message that was accepted)."""
+        entered = threading.Event()
+
+        def on_message(envelope):   # slow, and still at work once stop() has begun
+            entered.set()
+            session, = server.shared.sessions.values()
+
+            def woken():
+                try:
+                    return session.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    return False
+            wait_until(woken, message="stop() to wake the session")
+            time.sleep(3 * server.stuck_after)      # the slow callback, not a wait for it
+        server = blackhole.Server(hostname=HOST, on_message=on_message).start()
+        self.addCleanup(server.stop)
+        client = RawClient(server.address)
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        self.assertEqual([client.reply()[:4] for _ in range(3)], [b"250 ", b"250 ", b"354 "])
+        client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertTrue(entered.wait(TIMEOUT))
+        server.stop()
+        self.assertTrue(client.reply().startswith(b"250 2.0.0 OK: queued as <"))
+        self.assertEqual(client.line(), SHUTTING_DOWN)
+
     def test_an_endless_idle_time_serves_and_stops(self):
         with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", float("inf")):
             with blackhole.Server(hostname=HOST) as server:
@@ -442,9 +472,10 @@ class MemoryTest(ServerTestCase):
                     self.assertEqual(reply, b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     reply = raw.reply()
                 self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as <"), reply)
+                port = raw.sock.getsockname()[1]
                 with self.server.shared.lock:
-                    session = [h for h in self.server.shared.sessions.values()
-                               if h.sock.getpeername() == raw.sock.getsockname()][0]
+                    session, = [h for h in self.server.shared.sessions.values()
+                                if getattr(h, "peer_port", None) == port]
                 self.assertEqual(session._buf.find(b"content-"), -1)
                 raw.close()
 

@@ -662,11 +662,21 @@ class ConnectionsPerIpTest(ServerTestCase):
         self.raw()                                      # the slot is free again
 
     def test_a_client_that_read_221_may_connect_again_at_once(self):
+        """The slot is free before the 221 is written, however long the
+        session's thread then takes to end."""
         server = self.start_server(max_connections_per_ip=1)
-        for _ in range(100):
+        finish, go_on = blackhole.SMTPHandler.finish, threading.Event()
+        self.addCleanup(go_on.set)
+
+        def held_finish(handler):
+            go_on.wait(TIMEOUT)
+            finish(handler)
+        with mock.patch.object(blackhole.SMTPHandler, "finish", held_finish):
             client = self.raw(server)
             self.assertEqual(client.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
-            client.close()
+            self.assertEqual(server.stats["connections_active"], 0)
+            self.assertEqual(self.raw(server).cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+            go_on.set()
         self.assertEqual(server.stats["faults_connections_per_ip"], 0)
 
     def test_max_connections_checked_first(self):

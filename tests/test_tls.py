@@ -195,12 +195,16 @@ class TLSRefusalTest(TLSCase):
         self.assertEqual(self.server.stats["faults_connections_per_ip"], 1)
 
     def test_a_silent_refused_client_is_not_kept(self):
-        first = self.smtp_ssl()
+        """Even with timeout = 0 (no reaper) its handshake has
+        final_write_timeout, and it is not counted as a timeout."""
+        server = self.start_server(timeout=0, **self.options)
+        first = self.smtp_ssl(server)
         with mock.patch.object(blackhole.SMTPHandler, "final_write_timeout", 0.1):
-            silent = RawClient(self.server.tls_address)     # never shakes hands
+            silent = RawClient(server.tls_address)      # never shakes hands
             self.addCleanup(silent.close)
-            self.assertTrue(silent.closed())    # within the reaper's 1 s, not timeout's 30
+            self.assertTrue(silent.closed())            # in 0.1 s, not never
         self.assertEqual(first.noop(), (250, b"2.0.0 OK"))
+        self.assertEqual(server.stats["timeouts"], 0)
 
 
 class TLSListenECDSATest(TLSListenTest):
