@@ -1797,9 +1797,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         address = path[0]
         if len(address) > self.max_address:
             raise SMTPError(501, "5.1.3 Recipient address too long")
-        if strict and not address:
-            raise SMTPError.syntax("RCPT")
         if strict:
+            if not address:
+                raise SMTPError.syntax("RCPT")
             self._check_params(parse_params(path[1]), _RCPT_PARAMS)
         if len(env.rcpt_tos) >= self.max_recipients:
             raise SMTPError(452, "4.5.3 Too many recipients")
@@ -2530,7 +2530,7 @@ class Server:
         elif options:
             raise TypeError("give either a Config or options, not both")
         self.config = config
-        self.shared = _Shared(config, None, capture, on_message)
+        self.shared = _Shared(config, capture=capture, on_message=on_message)
         self.tls_context = _tls_context(config, less_secure) if config.tls_cert else None
         self.servers = []
         self.metrics = None
