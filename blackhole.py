@@ -75,6 +75,13 @@ BOUNCES = {             # section 4.2: code -> enhanced code and text
     553: "5.1.3 Requested action not taken: mailbox name not allowed",
     571: "5.7.1 Blocked",
 }
+FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
+    ("mail", "fail"): (553, "5.1.7 Sender address rejected"),
+    ("mail", "defer"): (451, "4.1.7 Sender address temporarily rejected"),
+    ("rcpt", "fail"): (550, "5.1.1 Recipient address rejected"),
+    ("rcpt", "defer"): (450, "4.2.1 Recipient temporarily unavailable"),
+}
+TOO_BIG = (552, "5.3.4 Message size exceeds fixed maximum message size")  # 4.1, 4.2
 MODES = ("accept", "bounce", "random")
 MAX_DELAY = 60          # seconds; kura/blackhole's cap on any delay
 
@@ -162,7 +169,8 @@ Listener = collections.namedtuple(
 Listener.__doc__ = """One listening address of `listen` or `tls_listen`.
 
 mode, delay and greylist are None unless the listener sets them with a
-flag; a listener with a flag ignores the global value and dynamic switches.
+flag, which then wins over the global option; a mode= or delay= flag also
+turns dynamic switches off (4.3).  proxy is the proxy=on flag (12).
 """
 
 _TRUE = ("1", "yes", "true", "on")
@@ -1069,9 +1077,7 @@ class Greylist:
         return len(self._table)
 
 
-_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
+_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"    # a v2 header's first 12 octets
 PROXY_V1_MAX = 107              # octets of a v1 header, CRLF included (its spec, 2.1)
 PROXY_V2_MAX = 16 + 65535       # a v2 header: 16 fixed octets and a 16-bit length
 
@@ -1211,7 +1217,7 @@ class _Shared:
     def message_id(self):
         return f"<{self.id_prefix}.{next(self.ids)}@{self.config.hostname}>"
 
-    def greylist(self, period):
+    def greylist_for(self, period):
         with self.lock:
             if period not in self.greylists:
                 self.greylists[period] = Greylist(period)
@@ -1220,7 +1226,8 @@ class _Shared:
     def count(self, *key):
         """How many times key was seen, this time included (xK, seeds).
 
-        Keys are client strings of up to 12 KB; the table keeps a digest."""
+        A seed's key holds the sender and every recipient (up to
+        max_recipients x max_address characters); the table keeps a digest."""
         key = _digest(*key)
         with self.lock:
             seen = self.counts.pop(key, 0) + 1
@@ -1343,14 +1350,6 @@ def _wire_verbs(handler_class):
     return verbs
 
 
-_FAIL_REPLIES = {   # section 4.7; the RCPT texts also end data (10.1)
-    ("mail", "fail"): (553, "5.1.7 Sender address rejected"),
-    ("mail", "defer"): (451, "4.1.7 Sender address temporarily rejected"),
-    ("rcpt", "fail"): (550, "5.1.1 Recipient address rejected"),
-    ("rcpt", "defer"): (450, "4.2.1 Recipient temporarily unavailable"),
-}
-
-
 def _hostport(host, port):
     """An address as log lines show it: host:port, [v6]:port."""
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
@@ -1406,16 +1405,22 @@ def _printable(text):
 class SMTPHandler(socketserver.StreamRequestHandler):
     """One SMTP session over one connection (section 4).
 
-    Methods for the server: handle() runs the whole session.
+    Methods for the server: setup(), handle() (the whole session), finish().
 
-    Methods that may be overridden: smtp_VERB(arg), one per wire verb, found
-    by name after the verb is checked to be a few ASCII letters; reply(),
-    the one place replies are built; ehlo_keywords().
+    Methods that may be overridden: smtp_VERB(arg), one per wire verb (a
+    client's verb reaches only smtp_ methods named in ASCII capitals, see
+    _wire_verbs); reply(code, *lines), the one place replies are built;
+    ehlo_keywords(); _auth_MECHANISM(initial) for each of auth_mechanisms.
 
-    Class variables: the limits below.  Replies raise SMTPError(code, text)
-    from anywhere below a verb.  The socket is read in blocks into one
-    buffer shared by commands and message data (rather than through rfile),
-    so that terminators are found with bytes.find, not line by line.
+    Class variables: the limits below, each with its reason.
+
+    A verb answers with reply() or by raising SMTPError(code, text) from
+    anywhere below it.  Reply texts are literals where they are sent (grep
+    the text, e.g. "Rate limit exceeded"); shared ones are BOUNCES,
+    FAIL_REPLIES, TOO_BIG and SYNTAX.  The socket is read in blocks into
+    one buffer shared by commands and message data, so terminators are
+    found with bytes.find; StreamRequestHandler's rfile and wfile are
+    never made (setup() and finish() do not call super()).
     """
 
     disable_nagle_algorithm = True  # section 7: else ~40 ms per pipelined message
@@ -1428,8 +1433,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_address = 256               # characters of a path, RFC 5321 4.5.3.1.3: else
                                     # 1000 recipients of 12 KB would keep 12 MB a session
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
-    max_queued = 256                # replies held for one write (4.6): EXPN's replies
-                                    # are 18x its size, so a pipelined flood is bounded
+    max_queued = 256                # replies held for one write (4.6): `EXPN all` is
+                                    # 13 lines, ~35x its size, so a pipelined flood
+                                    # is bounded
 
     # ----- session life -------------------------------------------------
 
@@ -1441,8 +1447,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.listener = listener = server.listener
         self.hostname = config.hostname
         self.sock = self.request
-        self.peer = self.client_address[0] if self.client_address else "?"
-        self.peer_port = self.client_address[1] if self.client_address else 0
+        self.peer, self.peer_port = self.client_address[:2]
         self._buf = b""                 # bytes received, not yet used
         self._pos = 0                   # first unused octet in _buf
         self._out = []                  # replies not yet written
@@ -1674,7 +1679,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         line = self._readline(self.max_line)
         try:
             if line is _TOO_LONG:
-                self._unknown(500, "5.5.2 Line too long")
+                raise self._unknown(500, "5.5.2 Line too long")
             self._last_crlf = line[-2:] == b"\r\n"
             if not self._last_crlf:
                 self.command_bare_lf = True
@@ -1684,10 +1689,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if self._debug:     # an unknown verb may be a password sent out of turn (5)
                 log.debug("%s > %r", self.peer, self._loggable(name, arg, text, line))
             if self.config.strict and name != "AUTH" and len(line) > self.max_strict_line:
-                self._unknown(500, "5.5.2 Line too long")
+                raise self._unknown(500, "5.5.2 Line too long")
             method = self.verbs.get(name)
             if method is None:
-                self._unknown()
+                raise self._unknown()
             getattr(self, method)(arg.strip())
         except SMTPError as err:
             self.reply(err.code, err.text)
@@ -1703,10 +1708,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         return text if name in self.verbs else "(unknown, %d octets)" % len(line)
 
     def _unknown(self, code=502, text="5.5.2 Command not recognised"):
+        """The SMTPError for an unknown or overlong command; the
+        max_unknown-th of a session closes it (4.1)."""
         self.unknown += 1
         if self.unknown >= self.max_unknown:
-            raise SMTPError(502, "5.5.3 Too many unknown commands", close=True)
-        raise SMTPError(code, text)
+            return SMTPError(502, "5.5.3 Too many unknown commands", close=True)
+        return SMTPError(code, text)
 
     def ehlo_keywords(self):
         """The EHLO extensions, from the session's real state."""
@@ -1721,7 +1728,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def _starttls_offered(self):
         return bool(self.config.starttls and not self.tls and self.server.tls_context)
 
-    def _verbs(self):
+    def _help_verbs(self):
         verbs = sorted(self.verbs)
         if not self._starttls_offered():
             verbs.remove("STARTTLS")
@@ -1742,6 +1749,21 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reply(250, self.hostname, *self.ehlo_keywords())
 
     def smtp_MAIL(self, arg):
+        address, params, plan = self._sender(arg)
+        env = self.envelope
+        if env.mail_from is not None or env.rcpt_tos or env.refused or self.bdat:
+            self.reset()        # a new transaction (permissive); else env is fresh
+            env = self.envelope
+        env.mail_from, env.mail_options, env.sender_plan = address, params, plan
+        env.smtputf8 = "SMTPUTF8" in params
+        env.eightbit = env.smtputf8 or str(params.get("BODY", "")).upper() in (
+            "8BITMIME", "BINARYMIME")
+        env.utf8_address = not address.isascii()
+        env.no_helo = self.helo is None
+        self.reply(250, "2.1.0 OK")
+
+    def _sender(self, arg):
+        """MAIL's checks, in order: (address, params, directives), or SMTPError."""
         strict, env = self.config.strict, self.envelope
         if strict and (self.helo is None or env.mail_from is not None):
             raise SMTPError.bad_sequence()
@@ -1756,7 +1778,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         size = params.get("SIZE")
         if isinstance(size, str) and size.isascii() and size.isdigit() and \
                 (len(size) > 20 or int(size) > self.config.max_message_size):
-            raise SMTPError(552, "5.3.4 Message size exceeds fixed maximum message size")
+            raise SMTPError(*TOO_BIG)
         rate = self.shared.rate
         if rate is not None and not rate.take(self.peer):
             self.shared.stats.add("faults_rate_limit")
@@ -1764,16 +1786,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         plan = parse_directives(address)
         if plan:
             self._act_now(plan, address, "mail")
-        if env.mail_from is not None or env.rcpt_tos or env.refused or self.bdat:
-            self.reset()        # a new transaction (permissive); else env is fresh
-            env = self.envelope
-        env.mail_from, env.mail_options, env.sender_plan = address, params, plan
-        env.smtputf8 = "SMTPUTF8" in params
-        env.eightbit = env.smtputf8 or str(params.get("BODY", "")).upper() in (
-            "8BITMIME", "BINARYMIME")
-        env.utf8_address = not address.isascii()
-        env.no_helo = self.helo is None
-        self.reply(250, "2.1.0 OK")
+        return address, params, plan
 
     def smtp_RCPT(self, arg):
         env = self.envelope
@@ -1808,7 +1821,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if plan:
             self._act_now(plan, address, "rcpt")
         if self.greylist:
-            greylist = self.shared.greylist(self.greylist)
+            greylist = self.shared.greylist_for(self.greylist)
             if greylist.check(_digest(self.peer, env.mail_from or "", address)):
                 self.shared.stats.add("faults_greylist")
                 raise SMTPError(451, "4.7.1 Greylisted, try again in %d seconds"
@@ -1827,7 +1840,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 raise SMTPError(501, "5.5.4 Malformed parameter: %s" % _printable(name))
 
     def _check_recipients(self):
-        """DATA and BDAT need a recipient (4.4, 4.7)."""
+        """Strict mode: DATA and BDAT need MAIL and a RCPT (4.4).  Any mode:
+        a transaction whose every RCPT was refused gets 554 (4.7)."""
         env = self.envelope
         if self.config.strict and (env.mail_from is None or
                                    not (env.rcpt_tos or env.refused)):
@@ -1888,7 +1902,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.closing = True
 
     def smtp_HELP(self, arg):
-        verbs = self._verbs()
+        verbs = self._help_verbs()
         if not arg:
             self.reply(250, "Supported commands: " + " ".join(verbs))
         elif arg.upper() in verbs:
@@ -2042,7 +2056,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         config, shared = self.config, self.shared
         rng = shared.rng(env.mail_from, env.rcpt_tos)     # every end of data counts
         if env.size > config.max_message_size:
-            return "too_big", 552, "5.3.4 Message size exceeds fixed maximum message size", 0
+            return ("too_big", *TOO_BIG, 0)
         mode, (low, high) = self.mode, self.delay
         if self.switches and header is not None and (header.mode or header.delay):
             mode, (low, high) = self._switches(header, mode, (low, high))
@@ -2066,7 +2080,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         return ("accepted" if code == 250 else "bounced"), code, text, min(delay, MAX_DELAY)
 
     def _mode_reply(self, mode, rng):
-        if mode == "accept" or (mode == "random" and rng.randrange(11) == 0):
+        if mode == "accept" or (mode == "random" and rng.randrange(len(BOUNCES) + 1) == 0):
             return 250, f"2.0.0 OK: queued as {self.shared.message_id()}"
         code = rng.choice(_BOUNCE_CODES)
         return code, BOUNCES[code]
@@ -2119,7 +2133,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     @staticmethod
     def _directive_reply(directive, stage):
         if directive.action in ("fail", "defer"):
-            return _FAIL_REPLIES[stage, directive.action]
+            return FAIL_REPLIES[stage, directive.action]
         code = directive.value
         return code, BOUNCES.get(code, "%d.0.0 Failure requested by address" % (code // 100))
 
@@ -2321,17 +2335,16 @@ class SMTPServer(socketserver.TCPServer):
 
 
 class _ThreadPerRequest(socketserver.ThreadingMixIn):
-    """A thread per connection, each registered so that stop() can close its
-    socket and join it.  socketserver's own list grows without bound on
-    Python 3.8, so block_on_close is off and we track threads ourselves.
+    """A thread per connection, each registered in shared.sessions so that
+    stop() can close its socket and join it.  process_request() is replaced,
+    so socketserver's own thread list and daemon_threads are never used;
+    only process_request_thread() is inherited.
 
     A thread whose session ended waits up to idle_seconds for the next
     connection: starting a thread costs about 100 us of CPU, a seventh of
     a session with one message.
     """
 
-    daemon_threads = True
-    block_on_close = False
     idle_seconds = 1.0      # how long a finished session's thread waits for another
     max_idle = 64           # threads kept waiting, at most
 
@@ -2510,8 +2523,9 @@ class Server:
     Methods for the caller: start(), stop() (both idempotent; also a context
     manager), wait_for(count, timeout).  Attributes: address,
     tls_address, addresses, metrics_address, stats, messages (with
-    `capture`), config.  Methods for blackhole's own command line: bind(),
-    then serve() in a worker process.
+    `capture`), config.  Methods for blackhole's own command line: bind()
+    (before privileges drop), and serve(watch_fd), which start() and each
+    worker run in a thread.
 
     Server(config=None, capture=0, on_message=None, less_secure=False,
     **options): options are those of Config, as INI strings or Python
@@ -2519,6 +2533,7 @@ class Server:
     ephemeral port.  less_secure is `-ls`: no single-use (EC)DH keys.
     """
 
+    handler = SMTPHandler   # a subclass here serves every listener
     stuck_after = 0.1       # seconds: stop() gives up on a session still writing
                             # after two of them: its client does not read
 
@@ -2546,7 +2561,7 @@ class Server:
 
     def __repr__(self):
         return "<blackhole.Server %s>" % (", ".join(
-            "%s:%d" % s.server_address[:2] for s in self.servers) or "unbound")
+            _hostport(*s.server_address[:2]) for s in self.servers) or "unbound")
 
     def bind(self):
         """Bind every listener (and metrics_listen); ConfigError if one fails."""
@@ -2558,7 +2573,7 @@ class Server:
                 option = "tls_listen" if listener.tls else "listen"
                 try:
                     self.servers.append(ThreadingSMTPServer(
-                        listener, config, self.shared, self.tls_context))
+                        listener, config, self.shared, self.tls_context, self.handler))
                 except OSError as exc:
                     raise ConfigError("%s: %s = %s: cannot bind: %s" % (
                         config.source, option, listener.text.split()[0],
@@ -2859,19 +2874,20 @@ class _Signals:
     """
 
     def __init__(self):
-        self.stop = self.usr1 = self.child = False
+        self.stop = self.usr1 = False
         self._wake, self._waker = socket.socketpair()   # a socket: Windows wants one
         for sock in (self._wake, self._waker):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._waker.fileno())
         for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"),
-                           ("SIGUSR1", "usr1"), ("SIGCHLD", "child")):
+                           ("SIGUSR1", "usr1"), ("SIGCHLD", None)):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self._handler(attr))
 
     def _handler(self, attr):
         def handler(signum, frame):
-            setattr(self, attr, True)
+            if attr is not None:        # SIGCHLD only wakes wait()
+                setattr(self, attr, True)
             try:
                 self._waker.send(b"\0")    # a wait() that ran before this ends too
             except OSError:
@@ -3017,7 +3033,6 @@ def _supervise(server, signals):
             if signals.usr1:
                 signals.usr1 = False
                 log.info("%s", counters_line(server.counters()))
-            signals.child = False
             for pid, status in _reap(workers):
                 index = workers.pop(pid)
                 lived = time.monotonic() - starts[index]

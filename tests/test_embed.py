@@ -256,6 +256,30 @@ class AddressesTest(unittest.TestCase):
             self.assertEqual(server.addresses, [server.address])
 
 
+class HandlerSubclassTest(unittest.TestCase):
+    """Server.handler: a subclass of SMTPHandler serves every listener."""
+
+    def test_a_subclass_limit_and_verb_on_every_listener(self):
+        class Handler(blackhole.SMTPHandler):
+            max_recipients = 1
+
+            def smtp_XPING(self, arg):
+                self.reply(250, "2.0.0 pong " + arg)
+
+        class Server(blackhole.Server):
+            handler = Handler
+
+        with Server(hostname=HOST, listen="127.0.0.1:0, 127.0.0.1:0") as server:
+            for address in server.addresses:
+                with closing(RawClient(address)) as client:
+                    client.line()
+                    client.send(b"XPING x\r\nMAIL FROM:<a@x>\r\n"
+                                b"RCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\n")
+                    self.assertEqual([client.line() for _ in range(4)], [
+                        b"250 2.0.0 pong x\r\n", b"250 2.1.0 OK\r\n", b"250 2.1.5 OK\r\n",
+                        b"452 4.5.3 Too many recipients\r\n"])
+
+
 class StatsAndCaptureTest(ServerTestCase):
 
     options = {"capture": 3}
