@@ -46,7 +46,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 __version__ = "1.0.0"
 
 __all__ = [
-    "Config", "ConfigError", "Envelope", "Greylist", "Listener", "Server",
+    "Config", "ConfigError", "Directive", "Envelope", "Greylist", "Listener", "Server",
     "SenderChecks", "SMTPError", "SMTPHandler", "SMTPServer", "Stats",
     "ThreadingSMTPServer", "TokenBucket", "main", "parse_directives",
     "parse_listen", "parse_params", "parse_path", "parse_proxy_v1",
@@ -926,94 +926,6 @@ class Envelope:
             self.mail_from, self.rcpt_tos, self.size, self.reply)
 
 
-class Stats:
-    """Counters of section 8 in an array of 64-bit integers.
-
-    The array may be a slice of shared memory, so a supervisor can sum its
-    workers' counters; one lock per process keeps increments exact.
-    """
-
-    names = (
-        "connections_total", "connections_active", "messages_accepted",
-        "messages_bounced", "messages_too_big", "bytes_received",
-        "auth_success", "auth_failure", "tls_success", "tls_failure",
-        "timeouts") + tuple("faults_" + k for k in FAULT_KINDS) + tuple(
-        "sender_issues_" + i for i in SENDER_ISSUES)
-    size = len(names) * 8
-
-    def __init__(self, buffer=None):
-        self._array = memoryview(buffer if buffer is not None
-                                 else bytearray(self.size)).cast("q")
-        self._index = {name: i for i, name in enumerate(self.names)}
-        self._lock = threading.Lock()
-
-    def add(self, name, amount=1):
-        with self._lock:
-            self._array[self._index[name]] += amount
-
-    def set(self, name, value):
-        with self._lock:
-            self._array[self._index[name]] = value
-
-    def message(self, result, size, issues):
-        """Count one message whose data was received (section 8, 11)."""
-        index, array = self._index, self._array
-        with self._lock:
-            array[index["messages_" + result]] += 1
-            array[index["bytes_received"]] += size
-            for issue in issues:
-                array[index["sender_issues_" + issue]] += 1
-
-    def as_dict(self):
-        return dict(zip(self.names, self._array.tolist()))
-
-    @classmethod
-    def summed(cls, stats_list):
-        total = dict.fromkeys(cls.names, 0)
-        for stats in stats_list:
-            for name, value in stats.as_dict().items():
-                total[name] += value
-        return total
-
-
-def counters_line(counters):
-    """The SIGUSR1 log line."""
-    return "counters: " + " ".join("%s=%d" % item for item in counters.items())
-
-
-def metrics_text(counters):
-    """Prometheus text exposition of the counters (section 8)."""
-    c = counters
-    out = []
-
-    def metric(name, kind, doc, samples):
-        out.append("# HELP blackhole_%s %s" % (name, doc))
-        out.append("# TYPE blackhole_%s %s" % (name, kind))
-        for labels, value in samples:
-            out.append("blackhole_%s%s %d" % (name, labels, value))
-
-    metric("connections_total", "counter", "SMTP connections accepted.",
-           [("", c["connections_total"])])
-    metric("connections_active", "gauge", "SMTP sessions open now.",
-           [("", c["connections_active"])])
-    metric("messages_total", "counter", "Messages whose data was received.",
-           [('{result="%s"}' % r, c["messages_" + r])
-            for r in ("accepted", "bounced", "too_big")])
-    metric("bytes_received_total", "counter", "Message octets received.",
-           [("", c["bytes_received"])])
-    metric("auth_total", "counter", "AUTH decisions.",
-           [('{result="%s"}' % r, c["auth_" + r]) for r in ("success", "failure")])
-    metric("tls_handshakes_total", "counter", "TLS handshakes.",
-           [('{result="%s"}' % r, c["tls_" + r]) for r in ("success", "failure")])
-    metric("timeouts_total", "counter", "Sessions ended by the timeout.",
-           [("", c["timeouts"])])
-    metric("faults_total", "counter", "Injected failures.",
-           [('{kind="%s"}' % k, c["faults_" + k]) for k in FAULT_KINDS])
-    metric("sender_issues_total", "counter", "Messages with each sender issue.",
-           [('{issue="%s"}' % i, c["sender_issues_" + i]) for i in SENDER_ISSUES])
-    return "\n".join(out) + "\n"
-
-
 class TokenBucket:
     """Per-key token buckets: `rate` tokens per `per` seconds (section 10.3).
 
@@ -1077,9 +989,9 @@ class Greylist:
         return len(self._table)
 
 
-_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"    # a v2 header's first 12 octets
-PROXY_V1_MAX = 107              # octets of a v1 header, CRLF included (its spec, 2.1)
-PROXY_V2_MAX = 16 + 65535       # a v2 header: 16 fixed octets and a 16-bit length
+_PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"  # a v2 header's first 12 octets
+_PROXY_V1_MAX = 107             # octets of a v1 header, CRLF included (its spec, 2.1)
+_PROXY_V2_MAX = 16 + 65535      # a v2 header: 16 fixed octets and a 16-bit length
 
 
 def parse_proxy_v1(data):
@@ -1092,9 +1004,9 @@ def parse_proxy_v1(data):
     """
     if not data.startswith(b"PROXY "[:len(data)]):
         raise ValueError("not a PROXY header")
-    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
+    end = data.find(b"\r\n", 0, _PROXY_V1_MAX)
     if end < 0:
-        if len(data) >= PROXY_V1_MAX:
+        if len(data) >= _PROXY_V1_MAX:
             raise ValueError("PROXY v1 header too long")
         return None
     words = data[:end].split(b" ")
@@ -1153,7 +1065,7 @@ def parse_proxy_v2(data):
     raise ValueError("bad PROXY v2 address family")
 
 
-def parse_proxy(data):
+def _parse_proxy(data):
     """Dispatch to v1 or v2 by the first octet."""
     if data[:1] == b"P":
         return parse_proxy_v1(data)
@@ -1164,23 +1076,153 @@ def parse_proxy(data):
     raise ValueError("not a PROXY header")
 
 
-def _tls_context(config, less_secure=False):
-    """The server context of section 6."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    # a timeout or stop wakes a session by shutting down the socket's reading
-    # side; OpenSSL 3 would take that EOF for a truncation and end the TLS
-    # session with an alert, so the 421 could not be sent
-    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
-    if not less_secure:
-        context.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
-    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
-                        "ECDHE+AES:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES")
-    context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_password)
-    if config.tls_dhparams:
-        context.load_dh_params(config.tls_dhparams)
-    return context
+def _feed(checks, header):
+    """What the DATA and BDAT readers hand each segment to: the checks
+    (which scan the header too), the header scan alone, or nothing."""
+    scanner = checks if checks is not None else header
+    return scanner.feed if scanner is not None else None
+
+
+_LF_DOT = re.compile(rb"\n\.")
+_DOT_GAP = 512          # octets per dot below which a regex beats memchr hops
+_DOT_STRETCH = 8192     # how far the regex searches before hops resume
+
+
+def _find_line_dot(window, start):
+    """The index of the LF before the first line-leading dot at or after
+    start, or -1.
+
+    memchr hops from dot to dot settle it while dots are sparse (a
+    generated body, base64).  Where they come more often than every
+    `_DOT_GAP` octets (prose, a header full of host names), a regex search
+    for LF-dot takes the next `_DOT_STRETCH` octets; it is twice as fast
+    as bytes.find's for two octets, and slower than memchr on sparse dots.
+    """
+    find, first, hops = window.find, start, 0
+    while True:
+        dot = find(b".", start)
+        if dot < 0:
+            return -1
+        if window[dot - 1] == 10:
+            return dot - 1
+        start, hops = dot + 1, hops + 1
+        if hops > 8 and start - first < hops * _DOT_GAP:
+            stop = start + _DOT_STRETCH
+            match = _LF_DOT.search(window, start, stop)
+            if match:
+                return match.start()
+            if stop >= len(window):
+                return -1
+            start = first = stop - 1    # an LF there may begin LF-dot
+            hops = 0
+
+
+def _hostport(host, port):
+    """An address as log lines show it: host:port, [v6]:port."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _trusted(peer, networks):
+    """Whether peer may send a PROXY header (proxy_trusted, section 12)."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
+
+
+# ###########################################################################
+# Counters and per-process state
+# ###########################################################################
+
+class Stats:
+    """Counters of section 8 in an array of 64-bit integers.
+
+    The array may be a slice of shared memory, so a supervisor can sum its
+    workers' counters; one lock per process keeps increments exact.
+    """
+
+    names = (
+        "connections_total", "connections_active", "messages_accepted",
+        "messages_bounced", "messages_too_big", "bytes_received",
+        "auth_success", "auth_failure", "tls_success", "tls_failure",
+        "timeouts") + tuple("faults_" + k for k in FAULT_KINDS) + tuple(
+        "sender_issues_" + i for i in SENDER_ISSUES)
+    size = len(names) * 8
+
+    def __init__(self, buffer=None):
+        self._array = memoryview(buffer if buffer is not None
+                                 else bytearray(self.size)).cast("q")
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self._lock = threading.Lock()
+
+    def add(self, name, amount=1):
+        with self._lock:
+            self._array[self._index[name]] += amount
+
+    def set(self, name, value):
+        with self._lock:
+            self._array[self._index[name]] = value
+
+    def message(self, result, size, issues):
+        """Count one message whose data was received (section 8, 11)."""
+        index, array = self._index, self._array
+        with self._lock:
+            array[index["messages_" + result]] += 1
+            array[index["bytes_received"]] += size
+            for issue in issues:
+                array[index["sender_issues_" + issue]] += 1
+
+    def as_dict(self):
+        return dict(zip(self.names, self._array.tolist()))
+
+    @classmethod
+    def summed(cls, stats_list):
+        total = dict.fromkeys(cls.names, 0)
+        for stats in stats_list:
+            for name, value in stats.as_dict().items():
+                total[name] += value
+        return total
+
+
+def _counters_line(counters):
+    """The SIGUSR1 log line."""
+    return "counters: " + " ".join("%s=%d" % item for item in counters.items())
+
+
+def metrics_text(counters):
+    """Prometheus text exposition of the counters (section 8)."""
+    c = counters
+    out = []
+
+    def metric(name, kind, doc, samples):
+        out.append("# HELP blackhole_%s %s" % (name, doc))
+        out.append("# TYPE blackhole_%s %s" % (name, kind))
+        for labels, value in samples:
+            out.append("blackhole_%s%s %d" % (name, labels, value))
+
+    metric("connections_total", "counter", "SMTP connections accepted.",
+           [("", c["connections_total"])])
+    metric("connections_active", "gauge", "SMTP sessions open now.",
+           [("", c["connections_active"])])
+    metric("messages_total", "counter", "Messages whose data was received.",
+           [('{result="%s"}' % r, c["messages_" + r])
+            for r in ("accepted", "bounced", "too_big")])
+    metric("bytes_received_total", "counter", "Message octets received.",
+           [("", c["bytes_received"])])
+    metric("auth_total", "counter", "AUTH decisions.",
+           [('{result="%s"}' % r, c["auth_" + r]) for r in ("success", "failure")])
+    metric("tls_handshakes_total", "counter", "TLS handshakes.",
+           [('{result="%s"}' % r, c["tls_" + r]) for r in ("success", "failure")])
+    metric("timeouts_total", "counter", "Sessions ended by the timeout.",
+           [("", c["timeouts"])])
+    metric("faults_total", "counter", "Injected failures.",
+           [('{kind="%s"}' % k, c["faults_" + k]) for k in FAULT_KINDS])
+    metric("sender_issues_total", "counter", "Messages with each sender issue.",
+           [('{issue="%s"}' % i, c["sender_issues_" + i]) for i in SENDER_ISSUES])
+    return "\n".join(out) + "\n"
 
 
 def _digest(*parts):
@@ -1292,46 +1334,9 @@ class _Shared:
                 log.exception("on_message raised")
 
 
-def _feed(checks, header):
-    """What the DATA and BDAT readers hand each segment to: the checks
-    (which scan the header too), the header scan alone, or nothing."""
-    scanner = checks if checks is not None else header
-    return scanner.feed if scanner is not None else None
-
-
-_LF_DOT = re.compile(rb"\n\.")
-_DOT_GAP = 512          # octets per dot below which a regex beats memchr hops
-_DOT_STRETCH = 8192     # how far the regex searches before hops resume
-
-
-def _find_line_dot(window, start):
-    """The index of the LF before the first line-leading dot at or after
-    start, or -1.
-
-    memchr hops from dot to dot settle it while dots are sparse (a
-    generated body, base64).  Where they come more often than every
-    `_DOT_GAP` octets (prose, a header full of host names), a regex search
-    for LF-dot takes the next `_DOT_STRETCH` octets; it is twice as fast
-    as bytes.find's for two octets, and slower than memchr on sparse dots.
-    """
-    find, first, hops = window.find, start, 0
-    while True:
-        dot = find(b".", start)
-        if dot < 0:
-            return -1
-        if window[dot - 1] == 10:
-            return dot - 1
-        start, hops = dot + 1, hops + 1
-        if hops > 8 and start - first < hops * _DOT_GAP:
-            stop = start + _DOT_STRETCH
-            match = _LF_DOT.search(window, start, stop)
-            if match:
-                return match.start()
-            if stop >= len(window):
-                return -1
-            start = first = stop - 1    # an LF there may begin LF-dot
-            hops = 0
-
+# ###########################################################################
+# The SMTP session
+# ###########################################################################
 
 _BOUNCE_CODES = tuple(sorted(BOUNCES))
 _VERBS = {}     # handler class -> {verb: "smtp_VERB"}
@@ -1349,26 +1354,6 @@ def _wire_verbs(handler_class):
             if name.startswith("smtp_") and name[5:].isalpha() and name[5:].isupper()}
     return verbs
 
-
-def _hostport(host, port):
-    """An address as log lines show it: host:port, [v6]:port."""
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-
-
-def _trusted(peer, networks):
-    """Whether peer may send a PROXY header (proxy_trusted, section 12)."""
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in net for net in networks)
-
-
-# ###########################################################################
-# The SMTP session
-# ###########################################################################
 
 _TOO_LONG = object()    # _readline's answer for a line over the limit
 _MAIL_PARAMS = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"))
@@ -1437,7 +1422,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                                     # 13 lines, ~35x its size, so a pipelined flood
                                     # is bounded
 
-    # ----- session life -------------------------------------------------
+    # ----- session life ------------------------------------------------------
 
     def setup(self):
         """Create every session attribute; reset() makes the Envelope."""
@@ -1544,7 +1529,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.envelope = Envelope(self.peer, self.helo)
         self.bdat = None
 
-    # ----- reading and writing -------------------------------------------
+    # ----- reading and writing -----------------------------------------------
 
     def _recv(self):
         """One block from the client; never b"" (the end raises)."""
@@ -1619,7 +1604,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def reply(self, code, *lines):
         """Queue a reply; the last line uses a space, the others a dash."""
-        if len(lines) <= 1:     # f-strings: a third of the cost of % on 3.11
+        # f-strings here and elsewhere on the per-message path (message ids,
+        # the end of data): a third of the cost of % on 3.11; % elsewhere.
+        if len(lines) <= 1:
             text = f"{code} {lines[0] if lines else ''}\r\n"
         else:
             dash = f"\r\n{code}-"
@@ -1672,7 +1659,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if self.shared.stopping.wait(min(seconds, MAX_DELAY)):
                 raise _Shutdown()
 
-    # ----- commands -------------------------------------------------------
+    # ----- commands ----------------------------------------------------------
 
     def handle_one_command(self):
         """Read one command, dispatch it to smtp_VERB, send what it raised."""
@@ -1934,7 +1921,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def smtp_ETRN(self, arg):
         self.reply(250, "2.0.0 Queueing started")
 
-    # ----- message data ---------------------------------------------------
+    # ----- message data ------------------------------------------------------
 
     def _message_readers(self):
         """(SenderChecks or None, header scan or None, parts list or None)."""
@@ -2098,7 +2085,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 delay = (low, high)
         return mode, delay
 
-    # ----- address directives (section 10.1) --------------------------------
+    # ----- address directives (section 10.1) ---------------------------------
 
     def _plan(self, plan, address, stage):
         """(seconds to wait, the directive that decides or None) for a stage."""
@@ -2137,7 +2124,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         code = directive.value
         return code, BOUNCES.get(code, "%d.0.0 Failure requested by address" % (code // 100))
 
-    # ----- AUTH (section 5) -------------------------------------------------
+    # ----- AUTH (section 5) --------------------------------------------------
 
     def smtp_AUTH(self, arg):
         if self.authenticated:
@@ -2201,7 +2188,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 raise _AuthDecided(True) from None
             raise SMTPError(501, "5.5.2 Cannot decode response") from None
 
-    # ----- TLS (section 6) and PROXY (section 12) ------------------------------
+    # ----- TLS (section 6) and PROXY (section 12) ----------------------------
 
     def smtp_STARTTLS(self, arg):
         if arg:
@@ -2258,8 +2245,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         taken = b""
         while True:
             try:
-                peek = self.sock.recv(PROXY_V2_MAX - len(taken), socket.MSG_PEEK)
-                result = parse_proxy(taken + peek) if peek else None
+                peek = self.sock.recv(_PROXY_V2_MAX - len(taken), socket.MSG_PEEK)
+                result = _parse_proxy(taken + peek) if peek else None
             except ValueError as exc:
                 log.info("closed %s: %s", self.peer, exc)
                 raise _Disconnect("bad PROXY header") from None
@@ -2291,6 +2278,25 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 # ###########################################################################
 # Servers
 # ###########################################################################
+
+def _tls_context(config, less_secure=False):
+    """The server context of section 6."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # a timeout or stop wakes a session by shutting down the socket's reading
+    # side; OpenSSL 3 would take that EOF for a truncation and end the TLS
+    # session with an alert, so the 421 could not be sent
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    if not less_secure:
+        context.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"
+                        "ECDHE+AES:!aNULL:!eNULL:!MD5:!DSS:!RC4:!3DES")
+    context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_password)
+    if config.tls_dhparams:
+        context.load_dh_params(config.tls_dhparams)
+    return context
+
 
 class SMTPServer(socketserver.TCPServer):
     """One listener: its socket, settings and the state it shares.
@@ -2447,7 +2453,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         log.debug("metrics %s: " + format, self.client_address[0], *args)
 
 
-class MetricsServer(_ThreadPerRequest, HTTPServer):
+class _MetricsServer(_ThreadPerRequest, HTTPServer):
     """The `metrics_listen` HTTP server; `counters` returns the numbers."""
 
     allow_reuse_address = True
@@ -2580,7 +2586,7 @@ class Server:
                         exc.strerror or exc)) from None
             if config.metrics_listen:
                 try:
-                    self.metrics = MetricsServer(
+                    self.metrics = _MetricsServer(
                         config.metrics_listen, self.shared,
                         lambda: (self.counters or self.shared.stats.as_dict)())
                 except OSError as exc:
@@ -2679,7 +2685,7 @@ class Server:
         for thread in idle:
             thread.join()
 
-    # ----- what tests ask --------------------------------------------------
+    # ----- what tests ask ----------------------------------------------------
 
     @property
     def addresses(self):
@@ -2969,7 +2975,7 @@ def _run(server, signals):
             signals.wait()
             if signals.usr1:
                 signals.usr1 = False
-                log.info("%s", counters_line(server.stats))
+                log.info("%s", _counters_line(server.stats))
     finally:
         server.stop()
 
@@ -3032,7 +3038,7 @@ def _supervise(server, signals):
                 break
             if signals.usr1:
                 signals.usr1 = False
-                log.info("%s", counters_line(server.counters()))
+                log.info("%s", _counters_line(server.counters()))
             for pid, status in _reap(workers):
                 index = workers.pop(pid)
                 lived = time.monotonic() - starts[index]
@@ -3106,7 +3112,7 @@ def _worker(server, stats, watch_fd, mask=None, parent_signals=None, cpu=None):
         signals.wait(1.0)
         if signals.usr1:
             signals.usr1 = False
-            log.info("%s", counters_line(stats.as_dict()))
+            log.info("%s", _counters_line(stats.as_dict()))
     server.stop()
 
 
