@@ -576,17 +576,27 @@ class Config:
 
 
 def _as_text(name, value):
-    """A Python value given to Config, as the INI would spell it."""
+    """A Python value given to Config, as the INI would spell it: a
+    (host, port) pair or a list of them for the listen options, 5.0 for 5."""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, (tuple, list)):
+        if name in ("listen", "tls_listen", "metrics_listen"):
+            pairs = [value] if len(value) == 2 and isinstance(value[1], int) else value
+            return ", ".join(_pair_text(item) if isinstance(item, (tuple, list))
+                             else str(item) for item in pairs)
         joiner = {"delay": "-", "rate_limit": "/"}.get(name, ", ")
-        if name == "metrics_listen":
-            return "[%s]:%s" % tuple(value) if ":" in str(value[0]) else "%s:%s" % tuple(value)
         return joiner.join(str(item) for item in value)
     return str(value)
+
+
+def _pair_text(pair):
+    host, port = (tuple(pair) + ("", ""))[:2]
+    return ("[%s]:%s" if ":" in str(host) else "%s:%s") % (host, port)
 
 
 def _ini_error(exc, text, offset):
@@ -1167,10 +1177,12 @@ class Stats:
             self._array[self._index[name]] = value
 
     def message(self, result, size, issues):
-        """Count one message whose data was received (section 8, 11)."""
+        """Count one message whose data was received (section 8, 11); a
+        result of None is counted later, with add()."""
         index, array = self._index, self._array
         with self._lock:
-            array[index["messages_" + result]] += 1
+            if result is not None:
+                array[index["messages_" + result]] += 1
             array[index["bytes_received"]] += size
             for issue in issues:
                 array[index["sender_issues_" + issue]] += 1
@@ -1475,7 +1487,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                     log.debug("%s timed out", self.peer)
                 self._last_reply(421, "4.4.2 %s Error: timeout exceeded" % self.hostname)
             except _Shutdown:
-                self._last_reply(421, "4.3.2 %s Service shutting down" % self.hostname)
+                self._last_reply(*self._shutting_down())
             else:
                 self._last_flush()
         except (_Disconnect, OSError, ssl.SSLError) as exc:
@@ -1516,6 +1528,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.reply(220, "%s ESMTP" % self.hostname)
         while not self.closing:
             self.handle_one_command()
+
+    def _shutting_down(self):
+        return 421, "4.3.2 %s Service shutting down" % self.hostname    # section 2
 
     def _leave(self):
         """Leave the session counts before the last reply is written, so
@@ -2021,10 +2036,17 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         result, code, text, delay = self._decide(env, header)
         if issues and code and self.config.sender_checks == "reply":
             text += f" (sender issues: {', '.join(issues)})"
-        shared.stats.message(result, env.size, issues)
         if issues and self._debug:
             log.debug("%s sender issues: %s", self.peer, ", ".join(issues))
-        self._wait(delay)
+        if delay:       # the result once the delay is over; the octets now
+            shared.stats.message(None, env.size, issues)
+            try:
+                self._wait(delay)
+            except _Shutdown:       # stopped in the delay: this 421 is the reply
+                result, (code, text) = "bounced", self._shutting_down()
+            shared.stats.add("messages_" + result)
+        else:
+            shared.stats.message(result, env.size, issues)
         if code is None:            # drop: the reply a sender never gets
             shared.deliver(env)
             self._flush()           # earlier pipelined commands keep their replies (4.6)
@@ -2220,9 +2242,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         try:
             sock.do_handshake()
         except (ssl.SSLError, OSError) as exc:
-            self.shared.stats.add("tls_failure")
             if refused_wait is not None or self.shared.stopping.is_set():
                 raise _Disconnect("TLS handshake failed: %s" % exc) from None
+            self.shared.stats.add("tls_failure")
             if self.timed_out:
                 self.shared.stats.add("timeouts")
                 log.info("TLS handshake with %s timed out", self.peer)
@@ -2540,16 +2562,20 @@ class Server:
     """
 
     handler = SMTPHandler   # a subclass here serves every listener
-    stuck_after = 0.1       # seconds: stop() gives up on a session still writing
+    stuck_after = 0.03      # seconds: stop() gives up on a session still writing
                             # after two of them: its client does not read
 
     def __init__(self, config=None, capture=0, on_message=None, less_secure=False,
                  **options):
         if config is None:
-            options.setdefault("listen", "127.0.0.1:0")
+            if options.get("listen") is None:
+                options["listen"] = "127.0.0.1:0"
             config = Config(**options)
         elif options:
             raise TypeError("give either a Config or options, not both")
+        if isinstance(capture, bool) or not isinstance(capture, int) or capture < 0:
+            raise ValueError("capture = %r: must be a whole number of messages, 0 or more"
+                             % (capture,))
         self.config = config
         self.shared = _Shared(config, capture=capture, on_message=on_message)
         self.tls_context = _tls_context(config, less_secure) if config.tls_cert else None
@@ -2558,6 +2584,8 @@ class Server:
         self.counters = None            # a supervisor sums its workers' counters
         self._thread = None
         self._wake = None
+        self._lock = threading.RLock()  # one start() or stop() at a time
+        self._busy = False              # in start() or stop(): a nested call returns
 
     def __enter__(self):
         return self.start()
@@ -2599,14 +2627,19 @@ class Server:
 
     def start(self):
         """Bind and serve in a background thread; returns once serving."""
-        if self._thread is not None:
-            return self
-        self.bind()
-        self.shared.stopping.clear()
-        self._wake = os.pipe()
-        self._thread = threading.Thread(target=self.serve, name="blackhole-accept",
-                                        daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self._thread is not None or self._busy:
+                return self
+            self._busy = True
+            try:
+                self.bind()
+                self.shared.stopping.clear()
+                self._wake = os.pipe()
+                self._thread = threading.Thread(target=self.serve, name="blackhole-accept",
+                                                daemon=True)
+                self._thread.start()
+            finally:
+                self._busy = False
         return self
 
     def serve(self, watch_fd=None):
@@ -2618,20 +2651,30 @@ class Server:
                min(1.0, timeout / 10) if timeout else None)
 
     def stop(self, grace=1.5):
-        """Close listeners, send 421 to live sessions, join every thread."""
-        shared = self.shared
-        shared.stopping.set()
-        if self._wake is not None:
-            os.write(self._wake[1], b"x")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
-        self._close_listeners()
-        if self._wake is not None:
-            for fd in self._wake:
-                os.close(fd)
-            self._wake = None
-        self._close_sessions(grace)
+        """Close listeners, send 421 to live sessions, join every thread.
+
+        Safe from any thread, on_message and signal handlers included; a
+        call made while this thread is in start() or stop() returns at once.
+        """
+        with self._lock:
+            if self._busy:
+                return
+            self._busy = True
+            try:
+                self.shared.stopping.set()
+                wake, self._wake = self._wake, None
+                if wake is not None:
+                    os.write(wake[1], b"x")
+                thread, self._thread = self._thread, None
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join()
+                self._close_listeners()
+                if wake is not None:
+                    for fd in wake:
+                        os.close(fd)
+                self._close_sessions(grace)
+            finally:
+                self._busy = False
 
     def _close_after_fork(self):
         """In a forked child: close this server's sockets and pipe; its
@@ -2655,12 +2698,15 @@ class Server:
         `stuck_after`; one found writing at the end of two rounds in a row
         is writing to a client that does not read, and its socket is shut.
         A session in on_message or a delay is waited for: its client reads.
+        One blocked in on_message past a second `grace` is left running.
         """
         shared = self.shared
         with shared.lock:
             sessions = list(shared.sessions.items())
         for _, session in sessions:
             _shutdown(getattr(session, "sock", session), socket.SHUT_RD)
+        me = threading.current_thread()     # on_message's session: it ends after
+        sessions = [(t, s) for t, s in sessions if t is not me]     # its reply
         deadline, writing = time.monotonic() + grace, set()
         while sessions and time.monotonic() < deadline:
             until = min(deadline, time.monotonic() + self.stuck_after)
@@ -2676,8 +2722,13 @@ class Server:
                     _shutdown(session.sock, socket.SHUT_RDWR)
         for thread, session in sessions:
             _shutdown(getattr(session, "sock", session), socket.SHUT_RDWR)
+        deadline = time.monotonic() + grace     # only on_message can still block
         for thread, _ in sessions:
-            thread.join()
+            thread.join(max(deadline - time.monotonic(), 0))
+        stuck = [thread.name for thread, _ in sessions if thread.is_alive()]
+        if stuck:
+            log.warning("stop(): left running after %.1f s, blocked in on_message? %s",
+                        2 * grace, ", ".join(stuck))
         with shared.lock:
             idle, shared.idle = shared.idle, {}
         for parked in idle.values():
@@ -2717,7 +2768,8 @@ class Server:
 
     @property
     def messages(self):
-        """The last `capture` envelopes (a deque; clear() empties it)."""
+        """The last `capture` envelopes (a deque; clear() empties it).  While
+        mail arrives, iterate over list(server.messages), which is atomic."""
         if self.shared.messages is None:
             raise AttributeError("messages needs Server(capture=N)")
         return self.shared.messages
@@ -2725,6 +2777,9 @@ class Server:
     def wait_for(self, count, timeout=5.0):
         """Block until `messages` holds count envelopes; return them."""
         messages = self.messages
+        if count > messages.maxlen:
+            raise ValueError("wait_for(%d): capture keeps %d messages at most"
+                             % (count, messages.maxlen))
         with self.shared.arrived:
             if not self.shared.arrived.wait_for(lambda: len(messages) >= count, timeout):
                 raise TimeoutError("%d of %d messages after %ss" % (

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: servers, raw clients, transcripts."""
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -20,15 +21,27 @@ KEY = os.path.join(CERTS, "server.key")
 CA = os.path.join(CERTS, "ca.pem")
 HOST = "bh.test"            # the configured hostname in replies
 TIMEOUT = 10                # seconds any client waits for anything
+BLACKHOLE = os.path.join(ROOT, "blackhole.py")
+
+# Replies many tests expect, as exact bytes (SPEC 4.1, 4.2, 2).
+OK = b"250 2.0.0 OK\r\n"
+MAIL_OK = b"250 2.1.0 OK\r\n"
+RCPT_OK = b"250 2.1.5 OK\r\n"
+GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+QUEUED_PATTERN = rb"250 2\.0\.0 OK: queued as (<[^<>@\s]+@bh\.test>)"
+QUEUED = re.compile(rb"\A" + QUEUED_PATTERN + rb"\r\n\Z")     # the id is group 1
+SHUTTING_DOWN = b"421 4.3.2 bh.test Service shutting down\r\n"
 
 
 class ServerTestCase(unittest.TestCase):
-    """Starts a blackhole.Server per test with `options`, and offers clients."""
+    """Starts a blackhole.Server per test with `options` (none when it is
+    None: the test starts its own), and offers clients."""
 
     options = {}
 
     def setUp(self):
-        self.server = self.start_server(**self.options)
+        if self.options is not None:
+            self.server = self.start_server(**self.options)
 
     def start_server(self, **options):
         options.setdefault("hostname", HOST)
@@ -111,6 +124,16 @@ class RawClient:
         self.sock.close()
 
 
+def stuff(content):
+    """Dot-stuff content for DATA as a client must (RFC 5321 4.5.2)."""
+    return re.sub(rb"(?m)^\.", b"..", content)
+
+
+def open_fds():
+    """How many file descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def wait_until(predicate, timeout=TIMEOUT, message="condition"):
     """Poll predicate with a deadline (for state no event reports)."""
     deadline = time.monotonic() + timeout
@@ -157,6 +180,6 @@ def kill_group(proc):
 
 def run_cli(*args, timeout=TIMEOUT, **kwargs):
     """Run `python blackhole.py ARGS` to completion; returns CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "blackhole.py")] + list(args),
+    return subprocess.run([sys.executable, BLACKHOLE] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
                           cwd=ROOT, **kwargs)

@@ -103,6 +103,69 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(open_fds(), fds)
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "counts /proc/self/fd")
+    def test_concurrent_stops_close_only_their_own_descriptors(self):
+        """Two threads in stop() at once (a tearDown and a callback): the
+        wake pipe is closed once, never a descriptor opened meanwhile."""
+        for _ in range(50):
+            server = blackhole.Server(hostname=HOST).start()
+            gate, errors, mine = threading.Barrier(3), [], []
+
+            def stop():
+                gate.wait()
+                try:
+                    server.stop()
+                except Exception as exc:        # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            def open_some():
+                gate.wait()
+                mine.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(20))
+
+            threads = [threading.Thread(target=f) for f in (stop, stop, open_some)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(TIMEOUT)
+            for fd in mine:
+                os.fstat(fd)            # EBADF if a stop() closed it
+                os.close(fd)
+            self.assertEqual(errors, [])
+
+    def test_concurrent_starts_bind_once(self):
+        for _ in range(20):
+            server = blackhole.Server(hostname=HOST)
+            self.addCleanup(server.stop)
+            gate = threading.Barrier(2)
+            threads = [threading.Thread(target=lambda: (gate.wait(), server.start()))
+                       for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(TIMEOUT)
+            self.assertEqual(len(server.servers), 1)
+            server.stop()
+            self.assertEqual([t for t in threading.enumerate()
+                              if t.name == "blackhole-accept"], [])
+
+    def test_a_nested_stop_returns_at_once(self):
+        """A signal handler calling stop() while this thread is in stop()."""
+        server = blackhole.Server(hostname=HOST).start()
+        self.addCleanup(server.stop)
+        close_sessions, nested = server._close_sessions, []
+
+        def close_and_nest(grace):
+            started = time.monotonic()
+            server.stop()           # as a signal handler would, mid-stop
+            nested.append(time.monotonic() - started)
+            close_sessions(grace)
+
+        with mock.patch.object(server, "_close_sessions", close_and_nest):
+            server.stop()
+        self.assertEqual(len(nested), 1)
+        self.assertLess(nested[0], 0.05)
+        self.assertIsNone(server.address)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "counts /proc/self/fd")
     def test_no_descriptor_left_after_sessions(self):
         fds = open_fds()
         with blackhole.Server(hostname=HOST, capture=1) as server:
@@ -209,6 +272,51 @@ class ThreadReuseTest(unittest.TestCase):
         server.stop()
         self.assertTrue(client.reply().startswith(b"250 2.0.0 OK: queued as <"))
         self.assertEqual(client.line(), SHUTTING_DOWN)
+
+    def test_stop_from_on_message(self):
+        """The callback's own session is not joined: it gets its reply,
+        then the 421, and stop() returns at once."""
+        elapsed = []
+
+        def on_message(envelope):
+            started = time.monotonic()
+            server.stop()
+            elapsed.append(time.monotonic() - started)
+
+        server = blackhole.Server(hostname=HOST, on_message=on_message).start()
+        self.addCleanup(server.stop)
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+            client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+            self.assertEqual([client.reply()[:4] for _ in range(3)], [b"250 ", b"250 ", b"354 "])
+            client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+            self.assertTrue(client.reply().startswith(b"250 2.0.0 OK: queued as <"))
+            self.assertEqual(client.line(), SHUTTING_DOWN)
+            self.assertTrue(client.closed())
+        self.assertEqual(len(elapsed), 1)
+        self.assertLess(elapsed[0], 0.5)
+
+    def test_stop_leaves_an_on_message_that_never_returns(self):
+        release, threads = threading.Event(), []
+
+        def on_message(envelope):
+            threads.append(threading.current_thread())
+            release.wait(TIMEOUT)
+
+        server = blackhole.Server(hostname=HOST, on_message=on_message).start()
+        self.addCleanup(server.stop)
+        self.addCleanup(lambda: [thread.join(TIMEOUT) for thread in threads])
+        self.addCleanup(release.set)
+        client = RawClient(server.address)
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+        client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\nhi\r\n.\r\n")
+        wait_until(lambda: threads)
+        started = time.monotonic()
+        with self.assertLogs("blackhole", "WARNING") as logs:
+            server.stop(grace=0.1)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn("blocked in on_message? " + threads[0].name, logs.output[0])
 
     def test_an_endless_idle_time_serves_and_stops(self):
         with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", float("inf")):
@@ -338,8 +446,8 @@ class StatsAndCaptureTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, TIMEOUT / 2)
         self.assertEqual(len(envs), 2)
         self.assertIsInstance(envs, list)
-        with self.assertRaises(TimeoutError):
-            self.server.wait_for(4, timeout=0.05)       # more than capture can hold
+        with self.assertRaisesRegex(ValueError, "capture keeps 3 messages at most"):
+            self.server.wait_for(4, timeout=TIMEOUT)    # at once: capture holds 3
 
     def test_on_message(self):
         received, done = [], threading.Event()
@@ -400,6 +508,24 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual((config.timeout, config.strict, config.dynamic_switch,
                           config.max_message_size, config.delay),
                          (5, True, False, 1000, (0, 1)))
+        config = blackhole.Config(timeout=5.0, max_message_size=1e6,
+                                  listen=[("127.0.0.1", 0), "::1:0 mode=bounce"],
+                                  tls_listen=("::1", 465), tls_cert=CERT, tls_key=KEY,
+                                  metrics_listen=("127.0.0.1", 0))
+        self.assertEqual((config.timeout, config.max_message_size), (5, 1000000))
+        self.assertEqual([listener.text for listener in config.listeners()],
+                         ["127.0.0.1:0", "::1:0 mode=bounce", "[::1]:465"])
+        self.assertEqual(config.metrics_listen, ("127.0.0.1", 0))
+        with self.assertRaisesRegex(blackhole.ConfigError, "timeout = 0.5: must be a whole"):
+            blackhole.Config(timeout=0.5)
+
+    def test_server_defaults_and_capture(self):
+        server = blackhole.Server(listen=None)      # None: Server's own default
+        self.assertEqual([l.text for l in server.config.listen], ["127.0.0.1:0"])
+        for capture in (-1, "5", 1.0, True):
+            with self.subTest(capture=capture):
+                with self.assertRaisesRegex(ValueError, "capture = .*: must be a whole"):
+                    blackhole.Server(capture=capture)
 
     def test_errors(self):
         cases = {

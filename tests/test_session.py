@@ -15,13 +15,10 @@ import unittest
 from unittest import mock
 
 import blackhole
-from tests.support import CERT, KEY, TIMEOUT, RawClient, ServerTestCase, wait_until
+from tests.support import (CERT, GO_AHEAD, KEY, MAIL_OK, OK, QUEUED, RCPT_OK,
+                           SHUTTING_DOWN, TIMEOUT, RawClient, ServerTestCase, stuff,
+                           wait_until)
 
-OK = b"250 2.0.0 OK\r\n"
-MAIL_OK = b"250 2.1.0 OK\r\n"
-RCPT_OK = b"250 2.1.5 OK\r\n"
-GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
-ACCEPTED = re.compile(rb"\A250 2\.0\.0 OK: queued as (<[^<>@\s]+@bh\.test>)\r\n\Z")
 TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
 UNKNOWN = b"502 5.5.2 Command not recognised\r\n"
 NO_VALID = b"554 5.5.1 No valid recipients\r\n"
@@ -55,18 +52,14 @@ def ehlo_reply(size=512000, starttls=False):
 def transaction(raw, content=MESSAGE, sender=b"<a@example.com>",
                 rcpts=(b"<b@example.com>",)):
     """MAIL, RCPT, DATA, content, dot; returns the reply to the data."""
-    if sender is not None:
-        assert raw.cmd(b"MAIL FROM:" + sender) == MAIL_OK
-    for rcpt in rcpts:
-        assert raw.cmd(b"RCPT TO:" + rcpt) == RCPT_OK
-    assert raw.cmd(b"DATA") == GO_AHEAD
+    steps = [(b"MAIL FROM:" + sender, MAIL_OK)] if sender is not None else []
+    steps += [(b"RCPT TO:" + rcpt, RCPT_OK) for rcpt in rcpts] + [(b"DATA", GO_AHEAD)]
+    for command, expected in steps:
+        reply = raw.cmd(command)
+        if reply != expected:
+            raise AssertionError("%r got %r, not %r" % (command, reply, expected))
     raw.send(content + b".\r\n")
     return raw.reply()
-
-
-def stuff(content):
-    """Dot-stuff CRLF content as a client must (RFC 5321 4.5.2)."""
-    return re.sub(rb"(?m)^\.", b"..", content)
 
 
 class RepliesTest(ServerTestCase):
@@ -153,7 +146,7 @@ class RepliesTest(ServerTestCase):
             raw = self.raw()
             self.assertEqual(raw.cmd(b"EHLO x"), ehlo_reply())
             for _ in range(3):
-                match = ACCEPTED.match(transaction(raw))
+                match = QUEUED.match(transaction(raw))
                 self.assertIsNotNone(match)
                 ids.append(match.group(1))
             self.assertEqual(raw.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
@@ -166,7 +159,7 @@ class RepliesTest(ServerTestCase):
         raw = self.raw()
         self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
         raw.send(MESSAGE + b".\r\n")
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
         env, = self.server.wait_for(1)
         self.assertEqual(env.data, MESSAGE)
 
@@ -178,7 +171,7 @@ class RepliesTest(ServerTestCase):
             self.assertEqual(raw.cmd(b"RCPT TO:<old@example.com>"), RCPT_OK)
             self.assertEqual(raw.cmd(clear), reply)
             self.assertRegex(transaction(raw, sender=b"<new@example.com>",
-                                         rcpts=(b"<new@example.com>",)), ACCEPTED)
+                                         rcpts=(b"<new@example.com>",)), QUEUED)
         for env in self.server.wait_for(3):
             self.assertEqual((env.mail_from, env.rcpt_tos),
                              ("new@example.com", ["new@example.com"]))
@@ -302,7 +295,7 @@ class RepliesTest(ServerTestCase):
 
     def assert_unstuffed(self, content):
         """Send content dot-stuffed; the server keeps it as it was."""
-        self.assertRegex(transaction(self.raw(), stuff(content)), ACCEPTED)
+        self.assertRegex(transaction(self.raw(), stuff(content)), QUEUED)
         env, = self.server.wait_for(1)
         self.assertEqual(env.data, content)
         self.assertEqual(env.size, len(content))
@@ -332,7 +325,7 @@ class RepliesTest(ServerTestCase):
                 self.assertEqual(raw.reply(), MAIL_OK)
                 self.assertEqual(raw.reply(), RCPT_OK)
                 self.assertEqual(raw.reply(), GO_AHEAD)
-                self.assertRegex(raw.reply(), ACCEPTED)
+                self.assertRegex(raw.reply(), QUEUED)
                 self.assertEqual(raw.reply(), OK)          # the NOOP, nothing in between
                 env, = self.server.wait_for(1)
                 self.assertEqual(env.mail_from, "a@example.com")
@@ -350,8 +343,8 @@ class RepliesTest(ServerTestCase):
             raw.send(wire[i:i + 1])
         self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
                          MAIL_OK + RCPT_OK + GO_AHEAD)
-        self.assertRegex(raw.reply(), ACCEPTED)
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
+        self.assertRegex(raw.reply(), QUEUED)
         self.assertEqual(raw.reply(), OK)
         self.assertEqual([env.data for env in self.server.wait_for(2)],
                          [content, b"ab.\r\n"])
@@ -364,14 +357,14 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.reply(), RCPT_OK)
         self.assertEqual(raw.reply(), GO_AHEAD)
         raw.send(b"Subject: lf\n\n..dot\nbody\n.\nNOOP\n")
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
         self.assertEqual(raw.reply(), OK)
         env, = self.server.wait_for(1)
         self.assertEqual(env.data, b"Subject: lf\n\n.dot\nbody\n")
         # An empty message right after DATA, bare LF.
         raw.send(b"DATA\n.\n")
         self.assertEqual(raw.reply(), GO_AHEAD)
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
         self.assertEqual(self.server.wait_for(2)[1].data, b"")
 
     def test_pipelining_in_one_write(self):
@@ -407,7 +400,7 @@ class RepliesTest(ServerTestCase):
         raw.send(b"BDAT 0\r\n")
         self.assertEqual(raw.reply(), b"250 2.0.0 0 octets received\r\n")
         raw.send(b"bdat 14 last\r\nllo\r\n.\r\nQUIT\r\n")      # dots and verbs are data
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
         env, = self.server.wait_for(1)
         self.assertEqual(env.data, b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n")
         self.assertEqual(env.size, 30)
@@ -417,8 +410,8 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.reply(), MAIL_OK)
         self.assertEqual(raw.reply(), RCPT_OK)
         self.assertEqual(raw.reply(), b"250 2.0.0 5 octets received\r\n")
-        self.assertRegex(raw.reply(), ACCEPTED)
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
+        self.assertRegex(raw.reply(), QUEUED)
         self.assertEqual(raw.reply(), OK)
         self.assertEqual([env.data for env in self.server.wait_for(3)[1:]],
                          [b"abcdefgh", b""])
@@ -447,13 +440,13 @@ class RepliesTest(ServerTestCase):
         self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)   # some accepted
         self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
         raw.send(MESSAGE + b".\r\n")
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
 
     def test_size_is_the_unstuffed_content(self):
         content = b"Subject: x\r\n\r\n" + b".dot\r\n" * 10
         server = self.start_server(max_message_size=len(content), capture=5)
         raw = self.raw(server)
-        self.assertRegex(transaction(raw, stuff(content)), ACCEPTED)
+        self.assertRegex(transaction(raw, stuff(content)), QUEUED)
         self.assertEqual(transaction(raw, stuff(content + b"x\r\n")), TOO_BIG)
         self.assertEqual(server.stats["bytes_received"], 2 * len(content) + 3)
         self.assertEqual(server.stats["messages_too_big"], 1)
@@ -482,7 +475,7 @@ class SmallReadsTest(ServerTestCase):
                                 b".\r\nNOOP\r\n")
                     replies = [client.reply() for _ in range(6)]
                 self.assertEqual(replies[3], b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                self.assertRegex(replies[4], ACCEPTED)
+                self.assertRegex(replies[4], QUEUED)
                 self.assertEqual(replies[5], b"250 2.0.0 OK\r\n")
                 self.assertEqual(self.server.messages[-1].data,
                                  b"Subject: x\r\n\r\n.dot\r\n.\r\nx.\r\n")
@@ -548,7 +541,7 @@ class FailureInjectionTest(ServerTestCase):
         self.assertEqual(raw.cmd(b"RCPT TO:<ok@example.com>"), RCPT_OK)
         self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
         raw.send(MESSAGE + b".\r\n")
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
         env, = self.server.wait_for(1)
         self.assertEqual(env.rcpt_tos, ["ok@example.com"])
 
@@ -596,7 +589,7 @@ class StrictTest(ServerTestCase):
             self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)
         self.assertEqual(raw.cmd(b"DATA"), GO_AHEAD)
         raw.send(MESSAGE + b".\r\n")
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
         self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), BAD_SEQUENCE)  # cleared
         self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), MAIL_OK)
 
@@ -630,7 +623,7 @@ class StrictTest(ServerTestCase):
         self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), RCPT_OK)
         self.assertEqual(raw.cmd(b"DATA"), BAD_SEQUENCE)
         raw.send(b"BDAT 16 LAST\r\nSubject: x\r\n\r\nhi")
-        self.assertRegex(raw.reply(), ACCEPTED)
+        self.assertRegex(raw.reply(), QUEUED)
 
     def test_every_refused_recipient_is_not_a_sequence_error(self):
         raw = self.raw()
@@ -701,14 +694,14 @@ class ModesTest(ServerTestCase):
     def test_accept(self):
         server = self.start_server(mode="accept")
         for reply in self.send_many(self.raw(server), 20):
-            self.assertRegex(reply, ACCEPTED)
+            self.assertRegex(reply, QUEUED)
 
     def test_seeded_random(self):
         runs = []
         for _ in range(2):
             server = self.start_server(mode="random", seed=12345)
             replies = self.send_many(self.raw(server), 220)
-            runs.append([ACCEPTED.sub(b"accepted", reply) for reply in replies])
+            runs.append([QUEUED.sub(b"accepted", reply) for reply in replies])
         self.assertEqual(runs[0], runs[1])
         accepted = runs[0].count(b"accepted")
         self.assertTrue(5 <= accepted <= 45, accepted)
@@ -721,7 +714,7 @@ class ModesTest(ServerTestCase):
                        b"X-BLACKHOLE-MODE:Accept"):
             with self.subTest(header=header):
                 content = b"Subject: x\r\n" + header + b"\r\n\r\nbody\r\n"
-                self.assertRegex(self.send_many(raw, 1, content)[0], ACCEPTED)
+                self.assertRegex(self.send_many(raw, 1, content)[0], QUEUED)
         # Only in the header part; unknown values are ignored.
         for content in (b"Subject: x\r\n\r\nX-Blackhole-Mode: accept\r\n",
                         b"X-Blackhole-Mode: sometimes\r\n\r\nbody\r\n"):
@@ -744,12 +737,12 @@ class ModesTest(ServerTestCase):
         to_accept = self.raw(address=server.addresses[0])
         to_bounce = self.raw(address=server.addresses[1])
         delay_flag = self.raw(address=server.addresses[2])
-        self.assertRegex(self.send_many(to_accept, 1)[0], ACCEPTED)
+        self.assertRegex(self.send_many(to_accept, 1)[0], QUEUED)
         self.assertIn(self.send_many(to_bounce, 1)[0], BOUNCE_REPLIES)
         accept_header = b"X-Blackhole-Mode: accept\r\n\r\nbody\r\n"
         bounce_header = b"X-Blackhole-Mode: bounce\r\n\r\nbody\r\n"
-        self.assertRegex(self.send_many(to_bounce, 1, accept_header)[0], ACCEPTED)
-        self.assertRegex(self.send_many(to_accept, 1, bounce_header)[0], ACCEPTED)
+        self.assertRegex(self.send_many(to_bounce, 1, accept_header)[0], QUEUED)
+        self.assertRegex(self.send_many(to_accept, 1, bounce_header)[0], QUEUED)
         self.assertIn(self.send_many(delay_flag, 1, accept_header)[0], BOUNCE_REPLIES)
 
 
@@ -810,7 +803,7 @@ class TimeTest(ServerTestCase):
         for key, (seconds, reply) in results.items():
             with self.subTest(key=key):
                 self.assertIsNotNone(seconds, reply)
-                self.assertRegex(reply, ACCEPTED)
+                self.assertRegex(reply, QUEUED)
                 (zero if seconds < 0.6 else one).append(key)
                 if seconds >= 0.6:
                     self.assertTrue(0.9 <= seconds < 3, seconds)
@@ -855,17 +848,34 @@ class TimeTest(ServerTestCase):
         wait_until(lambda: server.stats["timeouts"] == 3)
 
     def test_stop_during_a_delay(self):
-        raw = self.raw()
+        """The 421 is the message's reply: counted as bounced, and so the
+        envelope says (it would have been accepted after the delay)."""
+        delaying, wait = threading.Event(), blackhole.SMTPHandler._wait
+
+        def announced_wait(handler, seconds):
+            if seconds:
+                delaying.set()
+            wait(handler, seconds)
+
+        patcher = mock.patch.object(blackhole.SMTPHandler, "_wait", announced_wait)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        server = self.start_server(capture=1)
+        raw = self.raw(server)
         raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
                  b"X-Blackhole-Delay: 30\r\n\r\nbody\r\n.\r\n")
         self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
                          MAIL_OK + RCPT_OK + GO_AHEAD)
-        wait_until(lambda: self.server.stats["messages_accepted"] == 1)
+        self.assertTrue(delaying.wait(TIMEOUT))
         started = time.monotonic()
-        self.server.stop()
+        server.stop()
         self.assertLess(time.monotonic() - started, 0.5)
-        self.assertEqual(raw.line(), b"421 4.3.2 bh.test Service shutting down\r\n")
+        self.assertEqual(raw.line(), SHUTTING_DOWN)
         self.assertTrue(raw.closed())
+        stats = server.stats
+        self.assertEqual((stats["messages_accepted"], stats["messages_bounced"]), (0, 1))
+        [envelope] = server.messages
+        self.assertEqual(envelope.reply.encode() + b"\r\n", SHUTTING_DOWN)
 
 
 if __name__ == "__main__":
