@@ -712,10 +712,8 @@ class MaxConnectionsTest(ServerTestCase):
 
 class SeedTest(ServerTestCase):
 
+    options = None      # each run starts its own server
     threads, per_thread = 20, 10
-
-    def setUp(self):
-        pass            # each run starts its own server
 
     def run_batch(self, **options):
         """200 messages from 20 threads: {(sender, recipient, seq): code}."""

@@ -204,7 +204,7 @@ class TLSRefusalTest(TLSCase):
             self.addCleanup(silent.close)
             self.assertTrue(silent.closed())            # in 0.1 s, not never
         self.assertEqual(first.noop(), (250, b"2.0.0 OK"))
-        self.assertEqual(server.stats["timeouts"], 0)
+        self.assertEqual((server.stats["timeouts"], server.stats["tls_failure"]), (0, 0))
 
 
 class TLSListenECDSATest(TLSListenTest):
@@ -407,6 +407,14 @@ class TLSRepliesOnTheWayOutTest(TLSCase):
         for client in clients:
             self.assertEqual(client.line(),
                              b"421 4.3.2 %s Service shutting down\r\n" % HOST.encode())
+
+    def test_a_handshake_cut_by_stop_is_no_failure(self):
+        silent = RawClient(self.server.tls_address)     # never shakes hands
+        self.addCleanup(silent.close)
+        wait_until(lambda: self.server.stats["connections_active"] == 1)
+        self.server.stop()
+        self.assertTrue(silent.closed())
+        self.assertEqual(self.server.stats["tls_failure"], 0)
 
     def raw_starttls(self):
         client = self.raw()
