@@ -36,6 +36,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import stat
 import ssl
 import struct
 import sys
@@ -403,7 +404,8 @@ OPTIONS = {
                 _parse_path),
     "timeout": ("SECONDS (0-180)", "60", "idle time before a client is cut off (0 = never)",
                 lambda text: _parse_int(text, 0, 180)),
-    "delay": ("N or MIN-MAX (0-60)", "0", "seconds to wait before the end-of-data reply",
+    "delay": ("N or MIN-MAX (0-60, < timeout)", "0",
+              "seconds to wait before the end-of-data reply",
               parse_delay),
     "mode": ("accept|bounce|random", "accept", "reply to each message", _parse_mode),
     "max_message_size": ("BYTES", "512000", "largest message accepted (SIZE)",
@@ -459,13 +461,15 @@ class Config:
     _lists = ("listen", "tls_listen", "proxy_trusted")  # an indented line adds an item
 
     def __init__(self, source="<options>", **options):
-        values = dict(self._defaults)
-        for name, value in options.items():
+        values = {}                     # the caller's (the file's) order: its first
+        for name, value in options.items():     # problem is the one reported
             if name not in OPTIONS:
                 raise ConfigError("%s: %s = %s: unknown option" % (
                     source, name, str(value).replace("\n", "\\n")))
             if value is not None:       # None: the default
                 values[name] = value
+        for name, value in self._defaults.items():
+            values.setdefault(name, value)
         for name, value in values.items():
             if value is not None:
                 value = self._parse(source, name, _as_text(name, value))
@@ -2492,10 +2496,10 @@ class _MetricsServer(_ThreadPerRequest, HTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-def _serve(servers, wake_fd, stopping, watch_fd=None, reap=None, interval=None):
+def _serve(servers, wake, stopping, watch_fd=None, reap=None, interval=None):
     """Accept connections on every listener until woken or stopping.
 
-    One thread for all listeners; the wake pipe makes stop() prompt, with
+    One thread for all listeners; the wake socket makes stop() prompt, with
     no poll interval.  Every `interval` seconds it calls reap() to cut off
     overdue sessions.  watch_fd, when given, ends serving at EOF (a worker
     watching its supervisor).
@@ -2504,7 +2508,7 @@ def _serve(servers, wake_fd, stopping, watch_fd=None, reap=None, interval=None):
         for server in servers:
             server.socket.setblocking(False)
             selector.register(server.socket, selectors.EVENT_READ, server)
-        selector.register(wake_fd, selectors.EVENT_READ, None)
+        selector.register(wake, selectors.EVENT_READ, None)
         if watch_fd is not None:
             selector.register(watch_fd, selectors.EVENT_READ, None)
         next_reap = time.monotonic() + (interval or 0)
@@ -2634,7 +2638,7 @@ class Server:
             try:
                 self.bind()
                 self.shared.stopping.clear()
-                self._wake = os.pipe()
+                self._wake = socket.socketpair()    # not a pipe: Windows selects sockets
                 self._thread = threading.Thread(target=self.serve, name="blackhole-accept",
                                                 daemon=True)
                 self._thread.start()
@@ -2664,25 +2668,25 @@ class Server:
                 self.shared.stopping.set()
                 wake, self._wake = self._wake, None
                 if wake is not None:
-                    os.write(wake[1], b"x")
+                    wake[1].send(b"x")
                 thread, self._thread = self._thread, None
                 if thread is not None and thread is not threading.current_thread():
                     thread.join()
                 self._close_listeners()
                 if wake is not None:
-                    for fd in wake:
-                        os.close(fd)
+                    for sock in wake:
+                        sock.close()
                 self._close_sessions(grace)
             finally:
                 self._busy = False
 
     def _close_after_fork(self):
-        """In a forked child: close this server's sockets and pipe; its
-        threads did not survive the fork."""
+        """In a forked child: close this server's sockets; its threads did
+        not survive the fork."""
         self._close_listeners()
         if self._wake is not None:
-            for fd in self._wake:
-                os.close(fd)
+            for sock in self._wake:
+                sock.close()
         self._wake = self._thread = None
 
     def _close_listeners(self):
@@ -2863,6 +2867,18 @@ def _write_pidfile(path, source):
             source, path, exc.strerror)) from None
 
 
+def _check_pidfile(path, source):
+    """-t: the pidfile's folder must exist and, unless root, be writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    reason = None
+    if not os.path.isdir(folder):
+        reason = "No such directory: " + folder
+    elif hasattr(os, "getuid") and os.getuid() != 0 and not os.access(folder, os.W_OK):
+        reason = "Permission denied: " + folder
+    if reason:
+        raise ConfigError("%s: pidfile = %s: cannot write: %s" % (source, path, reason))
+
+
 def _remove_pidfile(path):
     if path:
         try:
@@ -2878,7 +2894,8 @@ def _daemonize():
     """Double fork; the launching process waits for the daemon's word.
 
     Returns the pipe the daemon writes "ok" (or an error line) to; the
-    launcher exits 0 on "ok", else prints the line and exits 64.
+    launcher exits 0 on "ok", else prints the line and exits 64.  Standard
+    output and error stay open when they are files, so the log is kept.
     """
     read_fd, write_fd = os.pipe()
     if os.fork():
@@ -2900,8 +2917,9 @@ def _daemonize():
         os._exit(EX_OK)
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
+    for fd in (0, 1, 2):    # `-b 2>>log` keeps its log; a terminal or pipe is let go
+        if fd == 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.dup2(null, fd)
     os.close(null)
     return write_fd
 
@@ -2942,8 +2960,11 @@ class _Signals:
         signal.set_wakeup_fd(self._waker.fileno())
         for name, attr in (("SIGTERM", "stop"), ("SIGINT", "stop"), ("SIGHUP", "stop"),
                            ("SIGUSR1", "usr1"), ("SIGCHLD", None)):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self._handler(attr))
+            if not hasattr(signal, name):
+                continue
+            if name == "SIGHUP" and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+                continue        # nohup: a closed terminal must not stop it
+            signal.signal(getattr(signal, name), self._handler(attr))
 
     def _handler(self, attr):
         def handler(signum, frame):
@@ -3159,7 +3180,7 @@ def _worker(server, stats, watch_fd, mask=None, parent_signals=None, cpu=None):
         parent_signals.close()
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    server._wake = os.pipe()
+    server._wake = socket.socketpair()
     thread = threading.Thread(target=server.serve, args=(watch_fd,), daemon=True)
     server._thread = thread
     thread.start()
@@ -3187,7 +3208,12 @@ def main(argv=None):
     try:
         config = Config.from_file(args.conf) if args.conf else Config(source=source)
         server = Server(config, less_secure=args.less_secure)
+        pidfile = config.pidfile or ("/tmp/blackhole.pid" if args.background else None)
+        if args.background and not hasattr(os, "fork"):
+            raise ConfigError("-b: cannot run in the background on this platform")
         if args.test:
+            if pidfile:
+                _check_pidfile(pidfile, source)
             server.bind()
             server._close_listeners()
             sys.stdout.write("blackhole: %s syntax is OK\nblackhole: %s test was successful\n"
@@ -3199,14 +3225,13 @@ def main(argv=None):
             _warn(args, "timeout = 0: idle clients are never cut off")
         if config.tls_cert and not config.tls_dhparams:
             _warn(args, "TLS without tls_dhparams: only ECDHE key exchange")
-        if hasattr(os, "getuid") and os.getuid() == 0 and not (config.user or config.group):
+        if hasattr(os, "getuid") and os.getuid() == 0 and not config.user:
             _warn(args, "running as root without user/group")
         threading.stack_size(256 * 1024)    # thousands of idle sessions stay cheap
         server.bind()
         if args.background:
             pipe = _daemonize()
         _drop_privileges(config)
-        pidfile = config.pidfile or ("/tmp/blackhole.pid" if args.background else None)
         if pidfile:
             _write_pidfile(pidfile, source)
     except ConfigError as exc:

@@ -28,12 +28,18 @@ def errors(stderr):
     return [line for line in stderr.decode().splitlines() if not line.startswith(WARNING)]
 
 
+NOHUP = ("import runpy, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 class Blackhole:
     """A running `python blackhole.py ARGS` whose stderr lines are collected
-    by a thread, so a test can wait for a line (with a deadline)."""
+    by a thread, so a test can wait for a line (with a deadline); `nohup`
+    starts it with SIGHUP ignored, as nohup(1) does."""
 
-    def __init__(self, testcase, *args):
-        self.proc = subprocess.Popen([sys.executable, SCRIPT] + list(args),
+    def __init__(self, testcase, *args, nohup=False):
+        wrapper = ["-c", NOHUP] if nohup else []
+        self.proc = subprocess.Popen([sys.executable] + wrapper + [SCRIPT] + list(args),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, cwd=support.ROOT)
         self.lines = []
@@ -115,7 +121,9 @@ class QuickCommandTest(unittest.TestCase):
         for name, text in [
                 ("good", "listen = 127.0.0.1:0, 127.0.0.1:0 mode=bounce\nhostname = bh.test\n"),
                 ("bad", "[blackhole]\nlisten = 127.0.0.1:0\nmode = bouce  # a typo\n"),
-                ("shipped", shipped)]:
+                ("shipped", shipped),
+                ("no_pid_dir", "listen = 127.0.0.1:0\npidfile = /nonexistent-bh/bh.pid\n"),
+                ("order", "mode = bogus\nlisten = nope\n")]:
             fd, path = tempfile.mkstemp(suffix=".ini", prefix="blackhole-cli-")
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
@@ -142,10 +150,18 @@ class QuickCommandTest(unittest.TestCase):
             "bad_flag": ["--bogus"],
             "bad_value": ["-c", cls.files["bad"]],
             "busy": ["-q", "-c", cls.files["busy"]],
+            "test_no_pid_dir": ["-t", "-c", cls.files["no_pid_dir"]],
+            "order": ["-c", cls.files["order"]],
+            "no_fork": ["-c", "import os, runpy, sys; del os.fork; sys.argv = sys.argv[1:]; "
+                        "runpy.run_path(sys.argv[0], run_name='__main__')", SCRIPT,
+                        "-b", "-c", cls.files["good"]],
         }
         with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
             futures = {name: pool.submit(support.run_cli, *args, timeout=60)
-                       for name, args in commands.items()}
+                       for name, args in commands.items() if name != "no_fork"}
+            futures["no_fork"] = pool.submit(
+                subprocess.run, [sys.executable] + commands["no_fork"], timeout=60,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=support.ROOT)
             cls.results = {name: future.result() for name, future in futures.items()}
 
     def assertFailure(self, name, line):
@@ -195,6 +211,19 @@ class QuickCommandTest(unittest.TestCase):
         self.assertFailure("test_busy", "blackhole: %s: listen = 127.0.0.1:%d: cannot bind: "
                            "Address already in use" % (self.files["busy"], self.busy_port))
 
+    def test_test_checks_the_pidfile_folder(self):
+        self.assertFailure("test_no_pid_dir", "blackhole: %s: pidfile = /nonexistent-bh/bh.pid: "
+                           "cannot write: No such directory: /nonexistent-bh"
+                           % self.files["no_pid_dir"])
+
+    def test_the_first_problem_in_file_order(self):
+        self.assertFailure("order", "blackhole: %s: mode = bogus: must be accept, bounce "
+                           "or random" % self.files["order"])
+
+    def test_background_without_fork(self):
+        self.assertFailure("no_fork", "blackhole: -b: cannot run in the background "
+                           "on this platform")
+
     def test_shipped_config(self):
         path, result = self.files["shipped"], self.results["test_shipped"]
         self.assertEqual(result.returncode, 0, result)
@@ -223,8 +252,8 @@ class QuickCommandTest(unittest.TestCase):
 class RunningTest(unittest.TestCase):
     """A running blackhole: log lines, signals, -q and -d."""
 
-    def start(self, config, *args):
-        return Blackhole(self, "-c", support.write_config(self, config), *args)
+    def start(self, config, *args, **kwargs):
+        return Blackhole(self, "-c", support.write_config(self, config), *args, **kwargs)
 
     def client(self, port):
         client = support.RawClient(("127.0.0.1", port))
@@ -307,6 +336,14 @@ class RunningTest(unittest.TestCase):
         (port,) = process.ports()
         clients = [self.mid_data(port)]
         self.assertStopsCleanly(process, signal.SIGHUP, clients)
+
+    def test_sighup_ignored_under_nohup(self):
+        process = self.start("listen = 127.0.0.1:0\nhostname = bh.test\n", nohup=True)
+        (port,) = process.ports()
+        process.proc.send_signal(signal.SIGHUP)
+        process.counters()              # handled after the SIGHUP, which did nothing
+        self.assertIsNone(process.proc.poll())
+        self.assertStopsCleanly(process, signal.SIGTERM, [self.mid_data(port)])
 
     def test_listening_lines_and_quiet(self):
         """INFO: one line per listener and a stop line; -q drops the warnings."""

@@ -372,6 +372,35 @@ class BackgroundTest(ProcessTestCase):
         with self.assertRaises(ConnectionRefusedError):
             greeting(port)
 
+    def test_background_keeps_a_log_file(self):
+        """`-b 2>>file`: the daemon logs there (a pipe or terminal is let go)."""
+        port, folder = free_port(), self.tempdir()
+        pidfile, logfile = os.path.join(folder, "bh.pid"), os.path.join(folder, "bh.log")
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+        with open(logfile, "ab") as log:
+            launcher = subprocess.run([sys.executable, BLACKHOLE, "-q", "-b", "-c", conf],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=log, cwd=ROOT, timeout=TIMEOUT)
+        self.assertEqual(launcher.returncode, 0)
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+        self.addCleanup(kill_quietly, pid)
+        self.assertEqual([os.readlink("/proc/%d/fd/%d" % (pid, fd)) for fd in (0, 1, 2)],
+                         [os.devnull, os.devnull, logfile])
+
+        def logged():
+            with open(logfile) as handle:
+                return handle.read()
+        os.kill(pid, signal.SIGUSR1)
+        wait_until(lambda: "blackhole: counters: connections_total=0" in logged())
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: gone(pid), message="the daemon to exit")
+        lines = logged().splitlines()
+        self.assertEqual(lines[0], "blackhole: listening on 127.0.0.1:%d (smtp, mode=accept)"
+                         % port)
+        self.assertRegex(lines[1], r"^blackhole: counters: connections_total=0 ")
+        self.assertEqual(lines[2:], ["blackhole: stopped"])
+
     def test_background_port_in_use(self):
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
