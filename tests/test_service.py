@@ -4,6 +4,7 @@ The daemon and the workers are real processes (`python blackhole.py`); each
 test kills whatever it started at cleanup, found by its own config file.
 """
 
+import grp
 import http.client
 import os
 import re
@@ -400,6 +401,20 @@ class BackgroundTest(ProcessTestCase):
                          % port)
         self.assertRegex(lines[1], r"^blackhole: counters: connections_total=0 ")
         self.assertEqual(lines[2:], ["blackhole: stopped"])
+
+    def test_root_with_a_group_but_no_user_warns(self):
+        port, pidfile = free_port(), os.path.join(self.tempdir(), "bh.pid")
+        group = grp.getgrgid(os.getgid()).gr_name
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\ngroup = %s\n"
+                           % (port, pidfile, group))
+        result = run_cli("-b", "-c", conf)
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+        self.addCleanup(kill_quietly, pid)
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.stderr, ROOT_WARNING if os.getuid() == 0 else b"")
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: gone(pid), message="the daemon to exit")
 
     def test_background_port_in_use(self):
         with socket.socket() as busy:
