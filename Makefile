@@ -70,7 +70,7 @@ run:
 lint:
 	$(PYTHON) -W error -m py_compile blackhole.py
 	$(PYTHON) -W error -c "import blackhole"
-	$(PYTHON) -W error -m compileall -q -f tests
+	$(PYTHON) -W error -m compileall -q -f tests bench
 
 bench:
 	$(PYTHON) bench/bench.py
