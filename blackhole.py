@@ -2658,8 +2658,12 @@ class Server:
         """Close listeners, send 421 to live sessions, join every thread.
 
         Safe from any thread, on_message and signal handlers included; a
-        call made while this thread is in start() or stop() returns at once.
+        call made while this thread is in start() or stop() returns at once,
+        and so does one from on_message while another thread stops the
+        server (that stop waits for the callback).
         """
+        if self.shared.stopping.is_set() and threading.current_thread() in self.shared.sessions:
+            return
         with self._lock:
             if self._busy:
                 return

@@ -296,6 +296,29 @@ class ThreadReuseTest(unittest.TestCase):
         self.assertEqual(len(elapsed), 1)
         self.assertLess(elapsed[0], 0.5)
 
+    def test_stop_from_on_message_during_a_stop(self):
+        """The callback's stop() returns at once; the stop under way does
+        not wait for it for its whole grace."""
+        entered = threading.Event()
+
+        def on_message(envelope):
+            entered.set()
+            wait_until(server.shared.stopping.is_set, message="the other stop")
+            server.stop()
+
+        server = blackhole.Server(hostname=HOST, on_message=on_message).start()
+        self.addCleanup(server.stop)
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
+            client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\nhi\r\n.\r\n")
+            self.assertTrue(entered.wait(TIMEOUT))
+            started = time.monotonic()
+            server.stop(grace=2)
+            self.assertLess(time.monotonic() - started, 1)
+            self.assertEqual([client.reply()[:4] for _ in range(4)],
+                             [b"250 ", b"250 ", b"354 ", b"250 "])
+            self.assertEqual(client.line(), SHUTTING_DOWN)
+
     def test_stop_leaves_an_on_message_that_never_returns(self):
         release, threads = threading.Event(), []
 
