@@ -339,5 +339,15 @@ class CredentialsNotLoggedTest(ServerTestCase):
         self.assertNotIn("someone", logged)
 
 
+class RawAuthBothTest(ServerTestCase):
+    """5: a raw response that contains fail= fails, whatever else it holds."""
+
+    def test_fail_wins(self):
+        for line in (b"AUTH PLAIN pass=fail=x", b"AUTH PLAIN fail=pass=x"):
+            with self.subTest(line=line):
+                raw = self.raw()
+                self.assertEqual(raw.cmd(line), b"535 5.7.8 Authentication failed\r\n")
+
+
 if __name__ == "__main__":
     unittest.main()

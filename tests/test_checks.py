@@ -414,7 +414,8 @@ class ModeTest(ChecksTestCase):
     def test_reply(self):
         server = self.start_server(sender_checks="reply", max_message_size=1000, capture=20)
         client = self.session(server)
-        self.assertRegex(self.send(BAD, client=client), QUEUED_PATTERN + re.escape(SUFFIX) + rb"\Z")
+        self.assertRegex(self.send(BAD, client=client),
+                         QUEUED_PATTERN + re.escape(SUFFIX) + rb"\Z")
         self.assertRegex(self.send(CLEAN, client=client), QUEUED_PATTERN + rb"\r\n\Z")
         # an injected failure
         self.assertEqual(self.send(BAD, client=client, rcpt=b"RCPT TO:<data-451=b@example.com>"),
@@ -466,6 +467,37 @@ class ModeTest(ChecksTestCase):
         self.assertEqual(client.reply(), b"550 5.6.0 Message refused, sender issues: "
                          b"missing_date, missing_from, missing_message_id, no_helo\r\n")
         self.assertEqual(client.cmd(b"NOOP"), OK)
+
+
+class FieldNameTest(ChecksTestCase):
+    """11: a field counts only by its whole name at the start of a line;
+    X-Original-From:, Resent-Date: or a From: inside a Subject are not From
+    or Date fields."""
+
+    def test_lookalike_names_do_not_count(self):
+        header = (without(b"From:").replace(b"Date:", b"Resent-Date:")
+                  + b"X-Original-From: a@example.com\r\nX-Note: mail from: b\r\n")
+        self.assertEqual(self.issues(header + b"\r\nhi\r\n"), ("missing_date", "missing_from"))
+
+
+class LfHeaderEndTest(ChecksTestCase):
+    """11: an LF-only empty line ends the header, so a field after it is body."""
+
+    def test_bare_lf_empty_line_ends_the_header(self):
+        header = without(b"Message-ID:").replace(b"\r\n", b"\n")
+        self.assertEqual(self.issues(header + b"\nMessage-ID: <1@example.com>\nhi\r\n"),
+                         ("bare_lf", "missing_message_id"))
+
+
+class LastLineLengthTest(unittest.TestCase):
+    """11: a last line without a line ending (BDAT) of 999 octets is long."""
+
+    def test_unterminated_last_line(self):
+        for size, expected in ((998, ()), (999, ("long_line",))):
+            with self.subTest(size=size):
+                checks = blackhole.SenderChecks()
+                checks.feed(HEADER + b"\r\n" + b"x" * size)
+                self.assertEqual(checks.issues(blackhole.Envelope(), False), expected)
 
 
 if __name__ == "__main__":

@@ -586,5 +586,16 @@ class ShippedConfigTest(unittest.TestCase):
                                 "%s has no explanation above it" % name)
 
 
+class ListenerDelayBoundaryTest(unittest.TestCase):
+    """3: a listener's delay= must be less than timeout, as the global delay."""
+
+    def test_equal_to_timeout_is_refused(self):
+        with self.assertRaises(blackhole.ConfigError) as caught:
+            blackhole.Config(listen="127.0.0.1:0 delay=10", timeout=10)
+        self.assertEqual(str(caught.exception), "<options>: listen = 127.0.0.1:0 delay=10: "
+                         "delay= must be less than timeout (10)")
+        blackhole.Config(listen="127.0.0.1:0 delay=9", timeout=10)
+
+
 if __name__ == "__main__":
     unittest.main()

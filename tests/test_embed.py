@@ -674,5 +674,13 @@ class MemoryTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, 1.0)    # stuck_after, not grace's 1.5 s
         self.assertEqual(server.stats["connections_active"], 0)
 
+class ServerArgumentsTest(unittest.TestCase):
+    """9: a Config and options together are refused, not silently dropped."""
+
+    def test_config_and_options(self):
+        with self.assertRaises(TypeError):
+            blackhole.Server(blackhole.Config(listen="127.0.0.1:0"), mode="bounce")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -10,7 +10,7 @@ import unittest
 from unittest import mock
 
 import blackhole
-from tests.support import HOST, TIMEOUT, RawClient, ServerTestCase, wait_until
+from tests.support import HOST, OK, TIMEOUT, RawClient, ServerTestCase, wait_until
 
 D = blackhole.Directive
 MESSAGE = b"Subject: test\r\n\r\nhello\r\n"
@@ -761,6 +761,41 @@ class SeedTest(ServerTestCase):
 
     def test_without_seed_fates_differ(self):
         self.assertNotEqual(self.run_batch(), self.run_batch())
+
+
+class GreylistTripleTest(ServerTestCase):
+    """10.2: the triple is (client IP, sender, recipient): a passed
+    recipient is greylisted afresh for another sender."""
+
+    options = {"greylist": 60}
+
+    def test_another_sender_starts_its_own_period(self):
+        clock = Clock()
+        self.server.shared.greylist_for(60).clock = clock
+        raw = self.raw()
+        greylisted = b"451 4.7.1 Greylisted, try again in 60 seconds\r\n"
+        self.assertEqual(raw.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 OK\r\n")
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), greylisted)
+        clock.now += 60
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 OK\r\n")
+        self.assertEqual(raw.cmd(b"RSET"), OK)
+        self.assertEqual(raw.cmd(b"MAIL FROM:<c@example.com>"), b"250 2.1.0 OK\r\n")
+        self.assertEqual(raw.cmd(b"RCPT TO:<b@example.com>"), greylisted)
+
+
+class SeedRecipientsTest(Session, ServerTestCase):
+    """10.4: fates depend on the recipients too: one sender's first message
+    to each of 30 recipients does not get one fate 30 times."""
+
+    options = {"mode": "random", "seed": 7}
+
+    def test_recipients_choose(self):
+        client = self.session()
+        replies = set()
+        for number in range(30):
+            reply = self.transaction(client, b"a@example.com", [b"r%d@example.com" % number])
+            replies.add(reply[:3])
+        self.assertGreater(len(replies), 1, replies)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import tempfile
 import time
 import unittest
 
+import blackhole
 from blackhole import parse_proxy_v1, parse_proxy_v2
 from tests.support import CA, CERT, HOST, KEY, ROOT, RawClient, ServerTestCase, TIMEOUT, \
     free_port, kill_group, wait_until
@@ -527,6 +528,41 @@ class HAProxyTest(unittest.TestCase):
                       read_text(self.logs["bh2"]))
         first.quit()
         other.quit()
+
+
+class ProxyHeaderTimeoutTest(ServerTestCase):
+    """8, 12: a proxy=on connection that sends no header in `timeout`
+    seconds is closed without a greeting and counts in timeouts_total."""
+
+    options = {"listen": "127.0.0.1:0 proxy=on", "timeout": 1}
+
+    def test_silent_connection_counts_as_a_timeout(self):
+        client = self.raw(greeting=False)
+        client.send(v1("203.0.113.7", 40000)[:10])       # half a header, then nothing
+        self.assertTrue(client.closed())
+        self.assertEqual(client.buf, b"")
+        self.assertEqual(self.server.stats["timeouts"], 1)
+        self.assertIn("blackhole_timeouts_total 1\n",
+                      blackhole.metrics_text(self.server.stats))
+
+
+class ProxyStrictnessTest(unittest.TestCase):
+    """12: only headers as HAProxy writes them."""
+
+    def test_v1_ports_are_plain_decimal(self):
+        for port in (b"040000", b"+40000", b"4_0000"):
+            with self.subTest(port=port):
+                with self.assertRaises(ValueError):
+                    parse_proxy_v1(
+                        b"PROXY TCP4 203.0.113.7 127.0.0.1 " + port + b" 25\r\n")
+
+    def test_v2_inet_block_needs_12_octets(self):
+        full = v2_inet("203.0.113.7", 40000, "192.0.2.1", 25)
+        for length in (10, 11):
+            with self.subTest(length=length):
+                data = full[:14] + struct.pack("!H", length) + full[16:16 + length]
+                with self.assertRaises(ValueError):
+                    parse_proxy_v2(data)
 
 
 if __name__ == "__main__":

@@ -749,5 +749,32 @@ class EmbeddedMetricsTest(ServerTestCase):
         self.assertEqual(http_get(self.server.metrics_address, "/metrics/x")[0], 404)
 
 
+class MetricTypesTest(unittest.TestCase):
+    """8: connections_active is a gauge, every other metric a counter."""
+
+    def test_types(self):
+        text = blackhole.metrics_text(blackhole.Stats().as_dict())
+        types = dict(re.findall(r"^# TYPE blackhole_(\S+) (\S+)$", text, re.M))
+        self.assertEqual(types.pop("connections_active"), "gauge")
+        self.assertEqual(set(types.values()), {"counter"})
+
+
+class BackgroundLateErrorTest(ProcessTestCase):
+    """2: an error the daemon meets after forking (here its pidfile) still
+    makes the launching process exit 64 with that one line."""
+
+    def test_unwritable_pidfile(self):
+        port = free_port()
+        pidfile = os.path.join(self.tempdir(), "missing", "blackhole.pid")
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+        result = run_cli("-q", "-b", "-c", conf)
+        self.assertEqual(result.returncode, 64)
+        self.assertEqual(result.stdout, b"")
+        self.assertEqual(result.stderr, (
+            "blackhole: %s: pidfile = %s: cannot write: No such file or directory\n"
+            % (conf, pidfile)).encode())
+        self.assertEqual(processes_using(conf), [])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -15,7 +15,7 @@ import unittest
 from unittest import mock
 
 import blackhole
-from tests.support import (CERT, GO_AHEAD, KEY, MAIL_OK, OK, QUEUED, RCPT_OK,
+from tests.support import (CERT, GO_AHEAD, HOST, KEY, MAIL_OK, OK, QUEUED, RCPT_OK,
                            SHUTTING_DOWN, TIMEOUT, RawClient, ServerTestCase, stuff,
                            wait_until)
 
@@ -796,6 +796,7 @@ class TimeTest(ServerTestCase):
             "negative": (plain, header(b"-1")),
             "word": (plain, header(b"soon")),
             "range": (plain, header(b"0, 1")),
+            "dash": (plain, header(b"0-0")),      # the header's range is MIN, MAX only
         }
         jobs.update(("flag%d" % i, (ranged, header(b"0"))) for i in range(20))
         results = self.run_concurrently(jobs)
@@ -810,7 +811,7 @@ class TimeTest(ServerTestCase):
         self.assertEqual(len(results), len(jobs))
         self.assertIn("header0", zero)
         self.assertIn("header00", zero)
-        for key in ("global", "reversed", "negative", "word"):
+        for key in ("global", "reversed", "negative", "word", "dash"):
             self.assertIn(key, one)
         flags_zero = [key for key in zero if key.startswith("flag")]
         self.assertTrue(0 < len(flags_zero) < 20, zero)    # 0-1: both, whole seconds
@@ -876,6 +877,77 @@ class TimeTest(ServerTestCase):
         self.assertEqual((stats["messages_accepted"], stats["messages_bounced"]), (0, 1))
         [envelope] = server.messages
         self.assertEqual(envelope.reply.encode() + b"\r\n", SHUTTING_DOWN)
+
+
+class LineLimitBoundaryTest(ServerTestCase):
+    """4.4: a command line of 12288 octets (CRLF included) is a command; one
+    more octet is `500 5.5.2 Line too long`, read alone and pipelined."""
+
+    def test_12288_octets_is_the_limit(self):
+        raw = self.raw()
+        at_limit = b"NOOP " + b"x" * (12288 - 7)            # 12288 with CRLF
+        self.assertEqual(raw.cmd(at_limit), OK)
+        self.assertEqual(raw.cmd(at_limit + b"x"), b"500 5.5.2 Line too long\r\n")
+        # the same two lines behind a pipelined NOOP (already in the buffer)
+        raw.send(b"NOOP\r\n" + at_limit + b"\r\nNOOP\r\n" + at_limit + b"x\r\n")
+        self.assertEqual(raw.reply() + raw.reply() + raw.reply() + raw.reply(),
+                         OK + OK + OK + b"500 5.5.2 Line too long\r\n")
+
+
+class UnknownModeHeaderTest(ServerTestCase):
+    """4.3: an X-Blackhole-Mode value that is not a mode is ignored, in an
+    accept server too (ModesTest only looks from a bounce server)."""
+
+    options = {"mode": "accept"}
+
+    def test_unknown_mode_value_leaves_accept(self):
+        raw = self.raw()
+        for value in (b"sometimes", b"bounced", b""):
+            with self.subTest(value=value):
+                content = b"X-Blackhole-Mode: " + value + b"\r\nSubject: x\r\n\r\nbody\r\n"
+                self.assertRegex(transaction(raw, content), QUEUED)
+
+
+class MessageIdAcrossProcessesTest(ServerTestCase):
+    """4.2: ids are unique across processes, even two started in the same
+    nanosecond (as forked workers may be)."""
+
+    def test_same_clock_different_pids(self):
+        ids = []
+        for pid in (1001, 1002):
+            with mock.patch("time.time_ns", return_value=1764000000123456789), \
+                    mock.patch("os.getpid", return_value=pid):
+                server = blackhole.Server(hostname=HOST)
+            server.start()
+            self.addCleanup(server.stop)
+            ids.append(QUEUED.match(transaction(self.raw(server))).group(1))
+        self.assertNotEqual(ids[0], ids[1])
+
+
+class SlowOnMessageTest(ServerTestCase):
+    """4.5: the timeout runs only while the server awaits a client line; an
+    on_message that takes longer than `timeout` does not cut the client off."""
+
+    def test_time_in_on_message_is_not_the_clients(self):
+        server = self.start_server(timeout=1, on_message=lambda envelope:
+                                   threading.Event().wait(1.5))     # the embedder's time
+        raw = self.raw(server)
+        self.assertRegex(transaction(raw), QUEUED)
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+        self.assertEqual(server.stats["timeouts"], 0)
+
+
+class NoDelayTest(ServerTestCase):
+    """7: every session socket has TCP_NODELAY set."""
+
+    def test_session_socket(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"NOOP"), OK)
+        with self.server.shared.lock:
+            handlers = [h for h in self.server.shared.sessions.values()
+                        if isinstance(h, blackhole.SMTPHandler)]
+        self.assertEqual(len(handlers), 1)
+        self.assertTrue(handlers[0].sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
 if __name__ == "__main__":
