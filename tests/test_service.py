@@ -498,9 +498,16 @@ class WorkersTest(ProcessTestCase):
         client.quit()
         os.kill(second, signal.SIGCONT)
 
-        # SIGTERM stops every process within 2 s and removes the pidfile
+        # SIGTERM stops every process within 2 s and removes the pidfile; a
+        # worker's client mid-transaction gets the 421 (the supervisor passes
+        # SIGTERM on, it does not kill the workers)
+        held = smtp(self, port)
+        self.assertEqual(held.ehlo()[0], 250)
+        self.assertEqual(held.mail("a@example.com"), (250, b"2.1.0 OK"))
         stopping = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(held.getreply(), (421, b"4.3.2 %s Service shutting down"
+                                                % HOST.encode()))
         self.assertEqual(proc.wait(2), 0)
         wait_until(lambda: gone(replacement) and gone(second),
                    timeout=max(0, stopping + 2 - time.monotonic()), message="workers gone")
