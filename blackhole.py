@@ -461,18 +461,18 @@ class Config:
     _lists = ("listen", "tls_listen", "proxy_trusted")  # an indented line adds an item
 
     def __init__(self, source="<options>", **options):
-        values = {}                     # the caller's (the file's) order: its first
-        for name, value in options.items():     # problem is the one reported
+        values = {}                     # in the caller's (the file's) order: its
+        for name, value in options.items():     # first problem is the one reported
             if name not in OPTIONS:
                 raise ConfigError("%s: %s = %s: unknown option" % (
                     source, name, str(value).replace("\n", "\\n")))
             if value is not None:       # None: the default
-                values[name] = value
+                values[name] = self._parse(source, name, _as_text(name, value))
         for name, value in self._defaults.items():
-            values.setdefault(name, value)
+            if name not in values:
+                values[name] = None if value is None else \
+                    self._parse(source, name, _as_text(name, value))
         for name, value in values.items():
-            if value is not None:
-                value = self._parse(source, name, _as_text(name, value))
             object.__setattr__(self, name, value)
         object.__setattr__(self, "source", source)
         self._check(source)
@@ -594,13 +594,15 @@ def _as_text(name, value):
             return ", ".join(_pair_text(item) if isinstance(item, (tuple, list))
                              else str(item) for item in pairs)
         joiner = {"delay": "-", "rate_limit": "/"}.get(name, ", ")
-        return joiner.join(str(item) for item in value)
+        return joiner.join(_as_text(name, item) for item in value)
     return str(value)
 
 
 def _pair_text(pair):
-    host, port = (tuple(pair) + ("", ""))[:2]
-    return ("[%s]:%s" if ":" in str(host) else "%s:%s") % (host, port)
+    """("::1", 25, "mode=bounce") as "[::1]:25 mode=bounce"."""
+    host, port, *flags = tuple(pair) + ("", "")[len(pair):]
+    text = ("[%s]:%s" if ":" in str(host) else "%s:%s") % (host, port)
+    return " ".join([text] + [str(flag) for flag in flags])
 
 
 def _ini_error(exc, text, offset):
@@ -2038,8 +2040,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if parts is not None and env.size <= self.config.max_message_size:
             env.data = b"".join(parts)
         result, code, text, delay = self._decide(env, header)
-        if issues and code and self.config.sender_checks == "reply":
-            text += f" (sender issues: {', '.join(issues)})"
         if issues and self._debug:
             log.debug("%s sender issues: %s", self.peer, ", ".join(issues))
         if delay:       # the result once the delay is over; the octets now
@@ -2048,9 +2048,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 self._wait(delay)
             except _Shutdown:       # stopped in the delay: this 421 is the reply
                 result, (code, text) = "bounced", self._shutting_down()
-            shared.stats.add("messages_" + result)
+            finally:                # and counted if writing before the wait fails
+                shared.stats.add("messages_" + result)
         else:
             shared.stats.message(result, env.size, issues)
+        if issues and code and self.config.sender_checks == "reply":
+            text += f" (sender issues: {', '.join(issues)})"
         if code is None:            # drop: the reply a sender never gets
             shared.deliver(env)
             self._flush()           # earlier pipelined commands keep their replies (4.6)
@@ -2556,8 +2559,8 @@ class Server:
     manager), wait_for(count, timeout).  Attributes: address,
     tls_address, addresses, metrics_address, stats, messages (with
     `capture`), config.  Methods for blackhole's own command line: bind()
-    (before privileges drop), and serve(watch_fd), which start() and each
-    worker run in a thread.
+    (before privileges drop), and serve(wake, watch_fd), which start() and
+    each worker run in a thread.
 
     Server(config=None, capture=0, on_message=None, less_secure=False,
     **options): options are those of Config, as INI strings or Python
@@ -2589,7 +2592,8 @@ class Server:
         self._thread = None
         self._wake = None
         self._lock = threading.RLock()  # one start() or stop() at a time
-        self._busy = False              # in start() or stop(): a nested call returns
+        self._busy = None               # "start" or "stop" while in it: a nested call returns
+        self._stop_after_start = False  # a signal handler's stop() came mid-start()
 
     def __enter__(self):
         return self.start()
@@ -2634,23 +2638,26 @@ class Server:
         with self._lock:
             if self._thread is not None or self._busy:
                 return self
-            self._busy = True
+            self._busy = "start"
             try:
                 self.bind()
                 self.shared.stopping.clear()
                 self._wake = socket.socketpair()    # not a pipe: Windows selects sockets
-                self._thread = threading.Thread(target=self.serve, name="blackhole-accept",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self.serve, args=(self._wake[0],),
+                                                name="blackhole-accept", daemon=True)
                 self._thread.start()
             finally:
-                self._busy = False
+                self._busy = None
+                stop, self._stop_after_start = self._stop_after_start, False
+            if stop:
+                self.stop()
         return self
 
-    def serve(self, watch_fd=None):
-        """Accept connections in this thread until stop()."""
+    def serve(self, wake, watch_fd=None):
+        """Accept connections in this thread until stop() writes to wake."""
         servers = self.servers + ([self.metrics] if self.metrics else [])
         timeout = self.config.timeout
-        _serve(servers, self._wake[0], self.shared.stopping, watch_fd,
+        _serve(servers, wake, self.shared.stopping, watch_fd,
                self.shared.reap if timeout else None,
                min(1.0, timeout / 10) if timeout else None)
 
@@ -2658,16 +2665,18 @@ class Server:
         """Close listeners, send 421 to live sessions, join every thread.
 
         Safe from any thread, on_message and signal handlers included; a
-        call made while this thread is in start() or stop() returns at once,
-        and so does one from on_message while another thread stops the
-        server (that stop waits for the callback).
+        call made while this thread is in stop() returns at once (one made
+        in start() is done when start() ends), and so does one from
+        on_message while another thread stops the server (that stop waits
+        for the callback).
         """
         if self.shared.stopping.is_set() and threading.current_thread() in self.shared.sessions:
             return
         with self._lock:
             if self._busy:
+                self._stop_after_start = self._busy == "start"
                 return
-            self._busy = True
+            self._busy = "stop"
             try:
                 self.shared.stopping.set()
                 wake, self._wake = self._wake, None
@@ -2682,7 +2691,7 @@ class Server:
                         sock.close()
                 self._close_sessions(grace)
             finally:
-                self._busy = False
+                self._busy = None
 
     def _close_after_fork(self):
         """In a forked child: close this server's sockets; its threads did
@@ -3185,7 +3194,8 @@ def _worker(server, stats, watch_fd, mask=None, parent_signals=None, cpu=None):
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     server._wake = socket.socketpair()
-    thread = threading.Thread(target=server.serve, args=(watch_fd,), daemon=True)
+    thread = threading.Thread(target=server.serve, args=(server._wake[0], watch_fd),
+                              daemon=True)
     server._thread = thread
     thread.start()
     while not signals.stop and thread.is_alive():
@@ -3198,6 +3208,11 @@ def _worker(server, stats, watch_fd, mask=None, parent_signals=None, cpu=None):
 
 def main(argv=None):
     """The `blackhole` command; returns the exit status."""
+    for fd in (0, 1, 2):        # started with one closed (`<&-`): a socket must not
+        try:                    # take its number, for -b to replace with /dev/null
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
     args = _arguments(argv)
     if args.options:
         sys.stdout.write(options_text())

@@ -147,6 +147,34 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual([t for t in threading.enumerate()
                               if t.name == "blackhole-accept"], [])
 
+    def test_a_stop_during_start_is_done_when_start_ends(self):
+        """A signal handler's stop() while this thread is in start()."""
+        class Server(blackhole.Server):
+            def bind(self):
+                super().bind()
+                self.stop()
+
+        server = Server(hostname=HOST)
+        self.addCleanup(server.stop)
+        server.start()
+        self.assertIsNone(server.address)
+        self.assertTrue(server.shared.stopping.is_set())
+        self.assertEqual([t for t in threading.enumerate() if t.name == "blackhole-accept"], [])
+
+    def test_an_accept_thread_starting_late_serves_its_own_wake(self):
+        serve, errors = blackhole.Server.serve, []
+
+        def late(server, wake, watch_fd=None):
+            wait_until(lambda: server._wake is None, message="stop() under way")
+            try:
+                serve(server, wake, watch_fd)
+            except Exception as exc:        # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        with mock.patch.object(blackhole.Server, "serve", late):
+            blackhole.Server(hostname=HOST).start().stop()
+        self.assertEqual(errors, [])
+
     def test_a_nested_stop_returns_at_once(self):
         """A signal handler calling stop() while this thread is in stop()."""
         server = blackhole.Server(hostname=HOST).start()
@@ -466,6 +494,7 @@ class StatsAndCaptureTest(ServerTestCase):
         thread.start()
         self.addCleanup(thread.join, TIMEOUT)
         envs = self.server.wait_for(2, timeout=TIMEOUT)
+        thread.join(TIMEOUT)        # its client's cleanup must not run under it
         self.assertLess(time.monotonic() - started, TIMEOUT / 2)
         self.assertEqual(len(envs), 2)
         self.assertIsInstance(envs, list)
@@ -541,6 +570,13 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(config.metrics_listen, ("127.0.0.1", 0))
         with self.assertRaisesRegex(blackhole.ConfigError, "timeout = 0.5: must be a whole"):
             blackhole.Config(timeout=0.5)
+        config = blackhole.Config(listen=[("127.0.0.1", 0, "mode=bounce"), ("::1", 0)],
+                                  delay=(1.0, 2.0))
+        self.assertEqual([listener.text for listener in config.listen],
+                         ["127.0.0.1:0 mode=bounce", "[::1]:0"])
+        self.assertEqual(config.delay, (1, 2))
+        with self.assertRaisesRegex(blackhole.ConfigError, "mode = bouce"):
+            blackhole.Config(mode="bouce", colour="red")    # the first, not the unknown
 
     def test_server_defaults_and_capture(self):
         server = blackhole.Server(listen=None)      # None: Server's own default

@@ -416,6 +416,21 @@ class BackgroundTest(ProcessTestCase):
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: gone(pid), message="the daemon to exit")
 
+    def test_background_with_standard_streams_closed(self):
+        """`-b <&- >&-`: no listener takes fd 0 or 1 for /dev/null to replace."""
+        port, pidfile = free_port(), os.path.join(self.tempdir(), "bh.pid")
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+        result = subprocess.run(["sh", "-c", 'exec "$0" "$@" <&- >&-', sys.executable,
+                                 BLACKHOLE, "-q", "-b", "-c", conf],
+                                stderr=subprocess.PIPE, timeout=TIMEOUT)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+        self.addCleanup(kill_quietly, pid)
+        self.assertEqual(greeting(port), GREETING)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: gone(pid), message="the daemon to exit")
+
     def test_background_port_in_use(self):
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))

@@ -848,6 +848,22 @@ class TimeTest(ServerTestCase):
         stop.set()
         wait_until(lambda: server.stats["timeouts"] == 3)
 
+    def test_a_delayed_message_is_counted_when_its_client_is_gone(self):
+        """Writing the queued replies before the delay fails: the message
+        was received, so its result is counted all the same (8)."""
+        def failed_flush(handler, seconds):
+            raise ConnectionResetError("the client reset")
+
+        with mock.patch.object(blackhole.SMTPHandler, "_wait", failed_flush):
+            server = self.start_server()
+            raw = self.raw(server)
+            raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                     b"X-Blackhole-Delay: 5\r\n\r\nbody\r\n.\r\n")
+            self.assertTrue(raw.closed())
+            wait_until(lambda: server.stats["connections_active"] == 0)
+        self.assertEqual((server.stats["messages_accepted"], server.stats["bytes_received"]),
+                         (1, 30))
+
     def test_stop_during_a_delay(self):
         """The 421 is the message's reply: counted as bounced, and so the
         envelope says (it would have been accepted after the delay)."""
