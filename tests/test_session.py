@@ -877,7 +877,7 @@ class TimeTest(ServerTestCase):
         patcher = mock.patch.object(blackhole.SMTPHandler, "_wait", announced_wait)
         patcher.start()
         self.addCleanup(patcher.stop)
-        server = self.start_server(capture=1)
+        server = self.start_server(capture=1, sender_checks="reply")
         raw = self.raw(server)
         raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
                  b"X-Blackhole-Delay: 30\r\n\r\nbody\r\n.\r\n")
@@ -887,12 +887,14 @@ class TimeTest(ServerTestCase):
         started = time.monotonic()
         server.stop()
         self.assertLess(time.monotonic() - started, 0.5)
-        self.assertEqual(raw.line(), SHUTTING_DOWN)
+        shutting_down = SHUTTING_DOWN[:-2] + (b" (sender issues: missing_date, missing_from, "
+                                              b"missing_message_id, no_helo)\r\n")
+        self.assertEqual(raw.line(), shutting_down)
         self.assertTrue(raw.closed())
         stats = server.stats
         self.assertEqual((stats["messages_accepted"], stats["messages_bounced"]), (0, 1))
         [envelope] = server.messages
-        self.assertEqual(envelope.reply.encode() + b"\r\n", SHUTTING_DOWN)
+        self.assertEqual(envelope.reply.encode() + b"\r\n", shutting_down)
 
 
 class LineLimitBoundaryTest(ServerTestCase):
