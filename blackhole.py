@@ -2317,6 +2317,8 @@ def _tls_context(config, less_secure=False):
     # side; OpenSSL 3 would take that EOF for a truncation and end the TLS
     # session with an alert, so the 421 could not be sent
     context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    # TLS 1.2 renegotiation a client starts: a handshake's CPU per request
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     if not less_secure:
         context.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
     context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:"

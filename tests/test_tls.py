@@ -461,6 +461,7 @@ class ContextTest(TLSCase):
         context = self.server.tls_context
         self.assertTrue(context.options & ssl.OP_NO_COMPRESSION)
         self.assertTrue(context.options & ssl.OP_CIPHER_SERVER_PREFERENCE)
+        self.assertTrue(context.options & getattr(ssl, "OP_NO_RENEGOTIATION", -1))
         self.assertGreaterEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
         names = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
         self.assertTrue(names)
