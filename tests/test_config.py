@@ -597,5 +597,27 @@ class ListenerDelayBoundaryTest(unittest.TestCase):
         blackhole.Config(listen="127.0.0.1:0 delay=9", timeout=10)
 
 
+class ConfigCornersTest(unittest.TestCase):
+
+    def test_encrypted_key_is_refused_without_a_prompt(self):
+        key = os.path.join(support.CERTS, "server-encrypted.key")
+        with self.assertRaises(blackhole.ConfigError) as caught:
+            blackhole.Config(tls_cert=support.CERT, tls_key=key, hostname=support.HOST)
+        self.assertEqual(str(caught.exception), "<options>: tls_key = %s: is encrypted; "
+                         "blackhole takes no passphrase" % key)
+
+    def test_listener_delay_is_held_to_the_timeout(self):
+        with self.assertRaises(blackhole.ConfigError) as caught:
+            blackhole.Config(listen="127.0.0.1:0 delay=50", timeout=10, hostname=support.HOST)
+        self.assertEqual(str(caught.exception), "<options>: listen = 127.0.0.1:0 delay=50: "
+                         "delay= must be less than timeout (10)")
+
+    def test_an_indented_bracket_is_a_continuation_not_a_section(self):
+        path = support.write_config(self, "listen = 127.0.0.1:0,\n    [::1]:0\nhostname = x\n")
+        config = blackhole.Config.from_file(path)
+        self.assertEqual([(item.host, item.port) for item in config.listen],
+                         [("127.0.0.1", 0), ("::1", 0)])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -718,5 +718,26 @@ class ServerArgumentsTest(unittest.TestCase):
             blackhole.Server(blackhole.Config(listen="127.0.0.1:0"), mode="bounce")
 
 
+class InlineTest(unittest.TestCase):
+
+    def test_an_inline_session_leaves_nothing_registered(self):
+        config = blackhole.Config(listen="127.0.0.1:0", hostname=HOST)
+        server = blackhole.SMTPServer(config.listen[0], config)
+        self.addCleanup(server.server_close)
+        client = threading.Thread(target=_quit, args=(server.server_address,))
+        client.start()
+        self.addCleanup(client.join)
+        server.handle_request()
+        self.assertEqual(server.shared.sessions, {})
+        self.assertEqual(server.shared.stats.as_dict()["connections_active"], 0)
+
+
+def _quit(address):
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.recv(100)
+        sock.sendall(b"QUIT\r\n")
+        sock.recv(100)
+
+
 if __name__ == "__main__":
     unittest.main()

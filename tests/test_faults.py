@@ -798,5 +798,25 @@ class SeedRecipientsTest(Session, ServerTestCase):
         self.assertGreater(len(replies), 1, replies)
 
 
+class SeedTooBigTest(ServerTestCase):
+    """A 552 is an end of data too: it advances the seeded sequence (10.4)."""
+
+    def fates(self, first_too_big):
+        server = self.start_server(mode="random", seed=42, max_message_size=100)
+        codes = []
+        for sender in range(8):
+            client = self.raw(server)
+            for too_big in (first_too_big, False):
+                client.cmd(b"MAIL FROM:<s%d@example.com>" % sender)
+                client.cmd(b"RCPT TO:<r@example.com>")
+                client.cmd(b"DATA")
+                codes.append(client.cmd((b"x" * 200 if too_big else b"hi") + b"\r\n.")[:3])
+            codes.pop(-2)       # keep the second message's fate
+        return codes
+
+    def test_a_552_counts_in_the_sequence(self):
+        self.assertEqual(self.fates(first_too_big=True), self.fates(first_too_big=False))
+
+
 if __name__ == "__main__":
     unittest.main()

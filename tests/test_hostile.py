@@ -819,5 +819,110 @@ class FuzzTest(ServerTestCase):
         self.assertLess(time.process_time() - started, 3.0, "seed %d" % seed)
 
 
+HUGE = b"9" * 5000      # int() refuses strings over 4300 digits since 3.11
+
+class HugeNumbersTest(ServerTestCase):
+    """Numbers no int() can take are answered, never a 451 crash."""
+
+    options = {"capture": 10}
+
+    def test_huge_numbers(self):
+        client = self.raw()
+        self.assertEqual(client.cmd(b"EHLO localhost")[:4], b"250-")
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com> SIZE=" + HUGE),
+                         b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 OK\r\n")
+        # not a directive (over 9 digits), so an ordinary address
+        self.assertEqual(client.cmd(b"RCPT TO:<delay-" + HUGE[:200] + b"=b@example.com>"),
+                         b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<failx" + HUGE[:200] + b"=b@example.com>"),
+                         b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<delay-" + HUGE + b"=b@example.com>"),
+                         b"501 5.1.3 Recipient address too long\r\n")
+        self.assertEqual(client.cmd(b"BDAT " + HUGE),
+                         b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")
+        self.assertEqual(client.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        waits = []
+        with mock.patch.object(blackhole.SMTPHandler, "_wait",
+                               lambda handler, seconds: waits.append(seconds)):
+            reply = client.cmd(b"X-Blackhole-Delay: " + HUGE + b"\r\n\r\nhi\r\n.")
+        self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as <"), reply)
+        self.assertEqual(waits, [60])       # above 60 is 60 (4.3), however long
+        self.assertEqual(self.server.wait_for(1)[0].data, b"X-Blackhole-Delay: " + HUGE +
+                         b"\r\n\r\nhi\r\n")
+
+
+class VerbLookupTest(ServerTestCase):
+
+    def test_only_ascii_verbs(self):
+        client = self.raw()
+        # "ſ".upper() == "S": without the ASCII check these would be RSET and STARTTLS
+        self.assertEqual(client.cmd("rſet".encode()), b"502 5.5.2 Command not recognised\r\n")
+        self.assertEqual(client.cmd("ſtarttlſ".encode()),
+                         b"502 5.5.2 Command not recognised\r\n")
+
+    def test_a_verb_patched_later_is_the_one_called(self):
+        # the verb table is built by the first session; a later patch still counts
+        self.assertEqual(self.raw().cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+        with mock.patch.object(blackhole.SMTPHandler, "smtp_NOOP",
+                               lambda handler, arg: handler.reply(250, "patched")):
+            self.assertEqual(self.raw().cmd(b"NOOP"), b"250 patched\r\n")
+
+
+class SilentReaderTest(ServerTestCase):
+    """A client that writes but never reads is cut off by the timeout while
+    the server is blocked writing to it."""
+
+    options = {"timeout": 1}
+
+    def test_a_client_that_does_not_read_is_cut_off(self):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.server.address)
+        burst = b"EXPN all\r\n" * 40000 + b"QUIT\r\n"   # 16 MB of replies: more than
+                                                            # socket buffers hold
+        writer = threading.Thread(target=_send_quietly, args=(sock, burst))
+        writer.start()
+        self.addCleanup(writer.join)
+        wait_until(lambda: self.server.stats["connections_active"] == 1, message="a session")
+        started = time.monotonic()
+        wait_until(lambda: self.server.stats["connections_active"] == 0,
+                   message="the session cut off")
+        self.assertLess(time.monotonic() - started, 8)  # 2 x timeout, and a busy host
+        try:
+            sock.shutdown(socket.SHUT_RDWR)     # ends the writer if it still waits
+        except OSError:
+            pass
+
+    def test_replies_before_quit_to_a_client_not_reading_are_bounded(self):
+        """After QUIT the session is out of the counts, so its last write has
+        final_write_timeout, not the reaper's 2 x timeout (here: never)."""
+        server = self.start_server(timeout=0)
+        setup = blackhole.SMTPHandler.setup
+
+        def small_buffer(handler):      # as a link with a zero window would
+            setup(handler)
+            handler.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with mock.patch.object(blackhole.SMTPHandler, "setup", small_buffer), \
+                mock.patch.object(blackhole.SMTPHandler, "final_write_timeout", 0.1):
+            sock.connect(server.address)
+            sock.sendall(b"EXPN all\r\n" * 254 + b"QUIT\r\n")      # 100 KB of replies
+            wait_until(lambda: server.stats["connections_total"] == 1 and
+                       server.stats["connections_active"] == 0, message="QUIT")
+            wait_until(lambda: not server.shared.sessions, message="the session to end")
+
+
+def _send_quietly(sock, data):
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
 if __name__ == "__main__":
     unittest.main()

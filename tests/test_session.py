@@ -968,5 +968,54 @@ class NoDelayTest(ServerTestCase):
         self.assertTrue(handlers[0].sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
+class RecipientsTest(ServerTestCase):
+
+    options = {"capture": 1}
+
+    def test_addresses_are_bounded(self):
+        """A path of 12 KB a thousand times would keep 12 MB a session."""
+        limit = blackhole.SMTPHandler.max_address
+        client = self.raw()
+        local = b"a" * (limit - len(b"@example.com"))
+        self.assertEqual(client.cmd(b"MAIL FROM:<%s@example.com>" % local), b"250 2.1.0 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<%s@example.com>" % local), b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<%sa@example.com>" % local),
+                         b"501 5.1.3 Recipient address too long\r\n")
+        self.assertEqual(client.cmd(b"MAIL FROM:<%sa@example.com>" % local),
+                         b"501 5.1.7 Sender address too long\r\n")
+        self.assertEqual(client.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertTrue(client.cmd(b"hi\r\n.").startswith(b"250 "))
+        self.assertEqual(self.server.wait_for(1)[0].rcpt_tos, ["%s@example.com" % local.decode()])
+
+    def test_at_most_max_recipients(self):
+        limit = blackhole.SMTPHandler.max_recipients
+        client = self.raw()
+        client.send(b"MAIL FROM:<a@example.com>\r\n" +
+                    b"".join(b"RCPT TO:<b%d@example.com>\r\n" % i for i in range(limit + 1)))
+        self.assertEqual(client.reply(), b"250 2.1.0 OK\r\n")
+        for _ in range(limit):
+            self.assertEqual(client.reply(), b"250 2.1.5 OK\r\n")
+        self.assertEqual(client.reply(), b"452 4.5.3 Too many recipients\r\n")
+        self.assertEqual(client.cmd(b"RSET"), b"250 2.0.0 OK\r\n")
+
+
+class BdatRefusedChunkTest(ServerTestCase):
+
+    options = {"strict": True, "max_message_size": 50}
+
+    def test_a_refused_chunk_is_not_counted(self):
+        client = self.raw()
+        self.assertEqual(client.cmd(b"EHLO localhost")[:4], b"250-")
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 OK\r\n")
+        client.send(b"BDAT 100\r\n" + b"x" * 100)
+        self.assertEqual(client.reply(), b"503 5.5.1 Bad sequence of commands\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 OK\r\n")
+        client.send(b"BDAT 10 LAST\r\n" + b"y" * 10)
+        reply = client.reply()
+        self.assertTrue(reply.startswith(b"250 2.0.0 OK: queued as"), reply)
+        stats = self.server.stats
+        self.assertEqual((stats["bytes_received"], stats["messages_too_big"]), (10, 0))
+
+
 if __name__ == "__main__":
     unittest.main()
