@@ -1153,6 +1153,18 @@ def _trusted(peer, networks):
 # Counters and per-process state
 # ###########################################################################
 
+_LAST_NS = [0]          # _unique_ns()'s last answer in this process
+_LAST_NS_LOCK = threading.Lock()
+
+
+def _unique_ns():
+    """time.time_ns(), but never the same twice in a process: two servers
+    made within one tick of a coarse clock (Windows) would share message ids."""
+    with _LAST_NS_LOCK:
+        _LAST_NS[0] = max(time.time_ns(), _LAST_NS[0] + 1)
+        return _LAST_NS[0]
+
+
 class Stats:
     """Counters of section 8 in an array of 64-bit integers.
 
@@ -1268,7 +1280,7 @@ class _Shared:
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
         self.counts = collections.OrderedDict()
         self.ids = itertools.count(1)
-        self.id_prefix = "%x.%d" % (time.time_ns(), os.getpid())
+        self.id_prefix = "%x.%d" % (_unique_ns(), os.getpid())
         self.messages = collections.deque(maxlen=capture) if capture else None
         self.arrived = threading.Condition()
         self.on_message = on_message

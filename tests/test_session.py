@@ -941,6 +941,17 @@ class MessageIdAcrossProcessesTest(ServerTestCase):
             ids.append(QUEUED.match(transaction(self.raw(server))).group(1))
         self.assertNotEqual(ids[0], ids[1])
 
+    def test_same_clock_same_process(self):
+        """Two servers made within one tick of a coarse clock (Windows)."""
+        ids = []
+        with mock.patch("time.time_ns", return_value=1764000000123456789):
+            servers = [blackhole.Server(hostname=HOST) for _ in range(2)]
+        for server in servers:
+            server.start()
+            self.addCleanup(server.stop)
+            ids.append(QUEUED.match(transaction(self.raw(server))).group(1))
+        self.assertNotEqual(ids[0], ids[1])
+
 
 class SlowOnMessageTest(ServerTestCase):
     """4.5: the timeout runs only while the server awaits a client line; an
