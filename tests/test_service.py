@@ -601,6 +601,23 @@ class WorkersTest(ProcessTestCase):
                   (item.split("=") for item in lines[0].split()[2:])}
         self.assertEqual(values, samples)
 
+        # a worker killed with a session open: its sessions are no longer active
+        self.pause(second)
+        held = self.served_by(port, first, workers)
+        os.kill(second, signal.SIGCONT)
+
+        def active():
+            return parse_metrics(self, http_get(metrics, "/metrics")[2])[
+                "blackhole_connections_active"]
+        self.assertEqual(active(), 1)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: set(children(proc.pid)) - {first, second}, timeout=5,
+                   message="a replacement worker")
+        wait_until(lambda: active() == 0, message="the killed worker's session gone")
+        self.assertEqual(parse_metrics(self, http_get(metrics, "/metrics")[2])[
+            'blackhole_messages_total{result="accepted"}'], kinds.count("accepted"))
+        held.close()
+
 
 class CpuChoiceTest(unittest.TestCase):
     """Which CPU pin_cpu picks for each process (_cpus_to_pin, _current_cpu)."""
