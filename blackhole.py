@@ -1100,6 +1100,9 @@ def _feed(checks, header):
 
 
 _LF_DOT = re.compile(rb"\n\.")
+# the end of data: CRLF.CRLF, or LF.LF after a bare LF; never a mix (4.2)
+_END_OF_DATA = re.compile(rb"\n\.(?:(?<=\r\n\.)\r\n|(?<!\r\n\.)\n)")
+_LONE_DOT = re.compile(rb"\n\.[^.]")     # a line-leading dot the sender did not double
 _DOT_GAP = 512          # octets per dot below which a regex beats memchr hops
 _DOT_STRETCH = 8192     # how far the regex searches before hops resume
 
@@ -1971,12 +1974,15 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         """Stream DATA content to its end (4.2); True if a dot was unstuffed
         from a line that had only one (section 11).
 
-        Finds line-leading dots with bytes.find (_find_line_dot); the end is
-        CRLF.CRLF, or LF.LF after a bare LF, never a mix (no SMTP
-        smuggling).  Content is counted and fed to the checks, and kept
-        only when `parts` is a list.  A block read mid-line is searched as
-        it came, without a copy; only a dot or LF at its start needs the
-        two octets before it.
+        The end is CRLF.CRLF, or LF.LF after a bare LF, never a mix (no SMTP
+        smuggling).  Content is counted and fed to the checks, and kept only
+        when `parts` is a list.  Each block is handled whole, in C: a block
+        without a line-leading dot (_find_line_dot) is content as it came;
+        one with dots is searched for the end (_END_OF_DATA), unstuffed with
+        one replace() and searched once for a lone dot (_LONE_DOT), so a
+        client sending a dot on every line costs no Python per line.  Only
+        the last octets of a block with dots wait for the next read, and the
+        next block is searched with the two octets before it.
         """
         limit, feed = self.config.max_message_size, _feed(checks, header)
         window = (b"\r\n" if self._last_crlf else b"\0\n") + self._buf[self._pos:]
@@ -1984,37 +1990,42 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         pos, size, dot_issue = 2, 0, False
         self._start_clock()
         while True:
-            hit = _find_line_dot(window, pos)
-            crlf = hit > 0 and window[hit - 1] == 13
-            end = hit + 1 if hit >= 0 else len(window)     # content up to here
-            if end > pos and (feed is not None or parts is not None):
-                seg = window[pos:end]
+            hit = _find_line_dot(window, pos)       # the LF before the first dot
+            end_of_data = _END_OF_DATA.search(window, hit) if hit >= 0 else None
+            if end_of_data:
+                end = end_of_data.start() + 1       # content up to here
+            elif hit >= 0:                          # a dot's line may go on
+                end = max(pos, len(window) - 3)
+            else:
+                end = len(window)
+            if end > pos:
+                if hit < end - 1 and hit >= 0:      # dots to unstuff before `end`
+                    lead = 1 if pos else 0          # the LF before a dot at pos
+                    seg = window[pos - lead:end].replace(b"\n.", b"\n")[lead:]
+                    dot_issue = dot_issue or bool(_LONE_DOT.search(window, hit, end + 1))
+                elif feed is not None or parts is not None:
+                    seg = window[pos:end]
+                else:
+                    seg = None
+                size += end - pos if seg is None else len(seg)
                 if feed is not None:
                     feed(seg)
                 if parts is not None:
                     parts.append(seg)
-            size += end - pos
-            if parts is not None and size > limit:
-                parts = None            # too big: counted, no longer kept
-            if hit < 0 or len(window) < hit + 3 + crlf:  # the dot's line goes on
-                data = self._recv()
-                if data.find(b"\n") >= 0:
-                    self._start_clock()
-                if hit < 0 and len(data) > 1 and data[0] != 10 and data[0] != 46:
-                    window, pos = data, 0       # nothing to carry over: no copy
-                else:
-                    window, pos = window[end - 2:] + data, 2
-                continue
-            after = window[hit + 2]
-            if crlf and after == 13 and window[hit + 3] == 10:
-                self._buf = window[hit + 4:]
+                    if size > limit:
+                        parts = None        # too big: counted, no longer kept
+            if end_of_data:
+                self._buf = window[end_of_data.end():]
                 break
-            if not crlf and after == 10:
-                self._buf = window[hit + 3:]
-                break
-            if after != 46:
-                dot_issue = True
-            pos = hit + 2
+            data = self._recv()
+            if data.find(b"\n") >= 0:
+                self._start_clock()
+            if end == len(window) and len(data) > 1 and data[0] != 10 and data[0] != 46:
+                window, pos = data, 0       # nothing to carry over: no copy
+            elif end >= 2:
+                window, pos = window[end - 2:] + data, 2
+            else:       # a block read without the octets before it: none matter
+                window, pos = b"\0\0"[end:] + window + data, 2
         self.deadline = None
         self.envelope.size = size
         return dot_issue

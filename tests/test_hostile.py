@@ -564,6 +564,37 @@ class VolumeTest(_LeakCheck, ServerTestCase):
 # Protocol abuse
 # ###########################################################################
 
+class DotStuffingTest(ServerTestCase):
+    """A dot on every line costs no Python per line: the content is checked
+    and kept a block at a time (a client sending `..` lines used 60 times
+    the CPU of prose, and starved every other session)."""
+
+    options = {"capture": 1}
+
+    def test_checks_and_capture_take_blocks_not_lines(self):
+        feeds = []
+        feed = blackhole.SenderChecks.feed
+
+        def counted(checks, seg):
+            feeds.append(len(seg))
+            feed(checks, seg)
+
+        lines = 20000
+        content = b"Subject: dots\r\n\r\n" + b"..\r\n" * lines + b".x\r\n"
+        with mock.patch.object(blackhole.SenderChecks, "feed", counted):
+            client = self.raw()
+            client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                        + content + b".\r\n")
+            replies = [client.reply() for _ in range(4)]
+        self.assertRegex(replies[3], QUEUED)
+        self.assertLess(len(feeds), 50, "one feed per line-leading dot")
+        envelope = self.server.messages[-1]
+        self.assertEqual(envelope.data, b"Subject: dots\r\n\r\n" + b".\r\n" * lines + b"x\r\n")
+        self.assertEqual(sum(feeds), len(envelope.data))
+        self.assertEqual(envelope.issues, ("missing_date", "missing_from", "missing_message_id",
+                                           "no_helo", "unstuffed_dot"))
+
+
 class AbuseTest(ServerTestCase):
     """Misuse of the protocol: each answered as the SPEC says."""
 

@@ -481,6 +481,53 @@ class SmallReadsTest(ServerTestCase):
                                  b"Subject: x\r\n\r\n.dot\r\n.\r\nx.\r\n")
 
 
+def model_data(stream):
+    """SPEC 4.2 line by line, after a DATA line ended by CRLF: (content,
+    a lone leading dot seen, octets up to and with the end) or None."""
+    content, lone, start, crlf = [], False, 0, True
+    while True:
+        stop = stream.find(b"\n", start) + 1
+        if not stop:
+            return None
+        line = stream[start:stop]
+        if (line == b".\r\n" and crlf) or (line == b".\n" and not crlf):
+            return b"".join(content), lone, stop
+        if line[:1] == b".":
+            lone = lone or line[1:2] != b"."
+            line = line[1:]
+        content.append(line)
+        crlf, start = line.endswith(b"\r\n"), stop
+
+
+class DataModelTest(ServerTestCase):
+    """The block reader against model_data: seeded random content of dots,
+    CRs and LFs, read in blocks of 1 to 64 octets."""
+
+    options = {"capture": 1, "sender_checks": "count"}
+    pieces = (b".", b"..", b"\r", b"\n", b"\r\n", b"x", b"\r\n.", b"\n.", b"\n.\n",
+              b"\r\n.\r\n", b"\n.\r\n", b"\r\n.\n", b".x")
+
+    def test_random_content(self):
+        rng = random.Random(1)
+        for case in range(60):
+            body = b"".join(rng.choice(self.pieces) for _ in range(rng.randrange(40)))
+            stream = body + b"\r\n.\r\n"
+            content, lone, stop = model_data(stream)
+            for size in (1, 3, 64):
+                with self.subTest(case=case, body=body, read_size=size), \
+                        mock.patch.object(blackhole.SMTPHandler, "read_size", size):
+                    client = self.raw()
+                    client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"
+                                + stream[:stop] + b"NOOP\r\n")
+                    replies = [client.reply() for _ in range(5)]
+                    self.assertRegex(replies[3], QUEUED)
+                    self.assertEqual(replies[4], OK)    # nothing after the end was lost
+                    envelope = self.server.messages[-1]
+                    self.assertEqual(envelope.data, content)
+                    self.assertEqual("unstuffed_dot" in envelope.issues, lone)
+                    client.close()
+
+
 class LineDotSearchTest(unittest.TestCase):
     """The DATA reader's search for line-leading dots hops with memchr over
     sparse dots and hands dense stretches to a regex: whatever the mix, it
