@@ -1446,10 +1446,13 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     max_line = 12288                # any command line; the excess is discarded (4.4)
     max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
     max_unknown = 10                # unknown commands before the session is closed
-    max_recipients = 1000           # per transaction; RFC 5321 4.5.3.1.8 asks for 100
+    max_recipients = 1000           # RCPTs per transaction, refused ones too (so one
+                                    # cannot flush the greylist); RFC 5321 4.5.3.1.8: 100
     auth_mechanisms = ("CRAM-MD5", "LOGIN", "PLAIN")    # EHLO's order; smtp_AUTH takes these
-    max_address = 256               # characters of a path, RFC 5321 4.5.3.1.3: else
+    max_address = 256               # octets of a path, RFC 5321 4.5.3.1.3: else
                                     # 1000 recipients of 12 KB would keep 12 MB a session
+    max_params = 16                 # ESMTP parameters of a MAIL: a 12 KB line of
+                                    # one-letter ones kept 430 KB a transaction
     final_write_timeout = 1.0       # seconds for a last 421 to a client not reading
     max_queued = 256                # replies held for one write (4.6): `EXPN all` is
                                     # 13 lines, ~35x its size, so a pipelined flood
@@ -1794,8 +1797,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if path is None:
             raise SMTPError.syntax("MAIL")
         address, params = path[0], parse_params(path[1])
-        if len(address) > self.max_address:
+        if self._too_long(address):
             raise SMTPError(501, "5.1.7 Sender address too long")
+        if len(params) > self.max_params:
+            raise SMTPError(501, "5.5.4 Too many parameters")
         if strict:
             self._check_params(params, _MAIL_PARAMS)
         size = params.get("SIZE")
@@ -1831,13 +1836,13 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if path is None:
             raise SMTPError.syntax("RCPT")
         address = path[0]
-        if len(address) > self.max_address:
+        if self._too_long(address):
             raise SMTPError(501, "5.1.3 Recipient address too long")
         if strict:
             if not address:
                 raise SMTPError.syntax("RCPT")
             self._check_params(parse_params(path[1]), _RCPT_PARAMS)
-        if len(env.rcpt_tos) >= self.max_recipients:
+        if len(env.rcpt_tos) + env.refused >= self.max_recipients:
             raise SMTPError(452, "4.5.3 Too many recipients")
         env.utf8_address = env.utf8_address or not address.isascii()
         plan = parse_directives(address)
@@ -1850,6 +1855,11 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 raise SMTPError(451, "4.7.1 Greylisted, try again in %d seconds"
                                 % self.greylist)
         return address, plan
+
+    def _too_long(self, address):
+        """Over max_address octets (a character of UTF-8 may take four)."""
+        return len(address) > self.max_address or (not address.isascii() and len(
+            address.encode("utf-8", "surrogateescape")) > self.max_address)
 
     @staticmethod
     def _check_params(params, known):

@@ -1045,6 +1045,34 @@ class RecipientsTest(ServerTestCase):
         self.assertTrue(client.cmd(b"hi\r\n.").startswith(b"250 "))
         self.assertEqual(self.server.wait_for(1)[0].rcpt_tos, ["%s@example.com" % local.decode()])
 
+    def test_addresses_are_bounded_in_octets(self):
+        client = self.raw()
+        fits = "\U0001F600" * 60 + "@example.com"         # 252 octets of UTF-8
+        over = "\U0001F600" * 62 + "@example.com"         # 74 characters, 260 octets
+        self.assertEqual(client.cmd(b"MAIL FROM:<%s> SMTPUTF8" % fits.encode()),
+                         b"250 2.1.0 OK\r\n")
+        self.assertEqual(client.cmd(b"RCPT TO:<%s>" % over.encode()),
+                         b"501 5.1.3 Recipient address too long\r\n")
+        self.assertEqual(client.cmd(b"MAIL FROM:<%s> SMTPUTF8" % over.encode()),
+                         b"501 5.1.7 Sender address too long\r\n")
+
+    def test_at_most_max_params(self):
+        client = self.raw()
+        many = b" ".join(b"X%d=1" % i for i in range(blackhole.SMTPHandler.max_params))
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com> " + many), b"250 2.1.0 OK\r\n")
+        self.assertEqual(client.cmd(b"MAIL FROM:<a@example.com> " + many + b" Y"),
+                         b"501 5.5.4 Too many parameters\r\n")
+
+    def test_refused_recipients_count_toward_the_limit(self):
+        """Else one transaction of refused RCPTs could flush the greylist."""
+        with mock.patch.object(blackhole.SMTPHandler, "max_recipients", 3):
+            client = self.raw()
+            client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<fail=b@example.com>\r\n"
+                        b"RCPT TO:<fail=c@example.com>\r\nRCPT TO:<d@example.com>\r\n"
+                        b"RCPT TO:<e@example.com>\r\n")
+            self.assertEqual([client.reply()[:4] for _ in range(5)],
+                             [b"250 ", b"550 ", b"550 ", b"250 ", b"452 "])
+
     def test_at_most_max_recipients(self):
         limit = blackhole.SMTPHandler.max_recipients
         client = self.raw()
