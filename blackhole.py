@@ -1279,6 +1279,7 @@ class _Shared:
         self.idle = {}                  # thread -> _Parked, between sessions
         self.per_ip = collections.Counter()
         self._active = 0                # sessions admitted and open
+        self.awaiting_header = 0        # connections yet to send their PROXY header
         self.greylists = {}             # period -> Greylist
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
         self.counts = collections.OrderedDict()
@@ -1335,6 +1336,19 @@ class _Shared:
             self.per_ip[peer] += 1
         stats.add("connections_active")
         return None
+
+    def await_header(self):
+        """Count a connection that has yet to send its PROXY header (12) in
+        max_connections: False when there is no room for it."""
+        with self.lock:
+            if self._active + self.awaiting_header >= self.config.max_connections:
+                return False
+            self.awaiting_header += 1
+            return True
+
+    def header_read(self):
+        with self.lock:
+            self.awaiting_header -= 1
 
     def close_session(self, peer):
         with self.lock:
@@ -1535,7 +1549,13 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     def _session(self):
         if self.listener.proxy:
-            self._read_proxy_header()
+            if not self.shared.await_header():
+                self.shared.stats.add("connections_total")
+                raise _Disconnect("max_connections reached before the PROXY header")
+            try:
+                self._read_proxy_header()
+            finally:
+                self.shared.header_read()
         refusal = self.shared.open_session(self.peer)
         self.counted = refusal is None
         if self._debug:
@@ -2550,6 +2570,7 @@ def _serve(servers, wake, stopping, watch_fd=None, reap=None, interval=None):
         if watch_fd is not None:
             selector.register(watch_fd, selectors.EVENT_READ, None)
         next_reap = time.monotonic() + (interval or 0)
+        failed, quiet_until = 0, 0.0    # accept errors since the last line about them
         while not stopping.is_set():
             events = selector.select(interval)
             if reap is not None and time.monotonic() >= next_reap:
@@ -2563,9 +2584,13 @@ def _serve(servers, wake, stopping, watch_fd=None, reap=None, interval=None):
                     request, client_address = server.get_request()
                 except (BlockingIOError, InterruptedError):
                     continue        # another worker took it
-                except OSError as exc:
-                    log.error("accept failed: %s", exc)
-                    stopping.wait(0.05)     # out of file descriptors: back off
+                except OSError as exc:       # out of file descriptors: back off,
+                    failed += 1             # and say so once in a while
+                    if time.monotonic() >= quiet_until:
+                        log.error("accept failed: %s%s", exc, " (%d times)" % failed
+                                  if failed > 1 else "")
+                        failed, quiet_until = 0, time.monotonic() + 10
+                    stopping.wait(0.05)
                     continue
                 try:
                     server.process_request(request, client_address)

@@ -564,6 +564,27 @@ class VolumeTest(_LeakCheck, ServerTestCase):
 # Protocol abuse
 # ###########################################################################
 
+class AcceptFailureTest(unittest.TestCase):
+    """Out of file descriptors: the accept loop backs off and logs once in a
+    while, not 20 lines a second."""
+
+    def test_one_line_for_many_failures(self):
+        calls = []
+
+        def no_descriptors(server):
+            calls.append(1)
+            raise OSError(24, "Too many open files")
+
+        with mock.patch.object(blackhole.ThreadingSMTPServer, "get_request", no_descriptors):
+            with self.assertLogs("blackhole", "ERROR") as logs:
+                with blackhole.Server(hostname=HOST) as server:
+                    client = RawClient(server.address)     # never accepted
+                    self.addCleanup(client.close)
+                    wait_until(lambda: len(calls) >= 5, message="five failed accepts")
+        self.assertEqual(logs.output, ["ERROR:blackhole:accept failed: [Errno 24] "
+                                       "Too many open files"])
+
+
 class DotStuffingTest(ServerTestCase):
     """A dot on every line costs no Python per line: the content is checked
     and kept a block at a time (a client sending `..` lines used 60 times

@@ -546,6 +546,29 @@ class ProxyHeaderTimeoutTest(ServerTestCase):
                       blackhole.metrics_text(self.server.stats))
 
 
+class AwaitingHeaderTest(ServerTestCase):
+    """10.3, 12: connections that have yet to send their PROXY header count
+    in max_connections, so silent ones cannot take every thread and fd."""
+
+    options = {"listen": "127.0.0.1:0 proxy=on", "max_connections": 2}
+
+    def test_silent_connections_count(self):
+        silent = [self.raw(greeting=False) for _ in range(2)]
+        wait_until(lambda: self.server.shared.awaiting_header == 2)
+        extra = self.raw(greeting=False)
+        self.assertTrue(extra.closed())             # at once, with no greeting
+        self.assertEqual(extra.buf, b"")
+        silent[0].send(v1("203.0.113.7", 40000))
+        self.assertEqual(silent[0].line(), GREETING)
+        self.assertEqual(self.server.shared.awaiting_header, 1)
+        silent[1].close()
+        wait_until(lambda: self.server.shared.awaiting_header == 0)
+        late = self.raw(greeting=False)
+        late.send(v1("203.0.113.8", 40000))
+        self.assertEqual(late.line(), GREETING)
+        self.assertEqual(self.server.stats["connections_total"], 3)    # the refused too
+
+
 class ProxyStrictnessTest(unittest.TestCase):
     """12: only headers as HAProxy writes them."""
 
