@@ -2512,10 +2512,37 @@ class ThreadingSMTPServer(_ThreadPerRequest, SMTPServer):
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):
-    """GET /metrics in Prometheus text format (section 8); 404 otherwise."""
+    """GET /metrics in Prometheus text format (section 8); 404 otherwise.
 
-    timeout = 10
+    The request is read whole first, bounded in size and time, so a slow
+    or huge one costs a thread for seconds and a few KB, not 6 MB a minute.
+    """
+
+    timeout = 10                # seconds for each write of the answer
+    request_time = 5.0          # seconds for the whole request; then it is closed
+    max_request = 8192          # octets of request line and headers; more is closed
     server_version = "blackhole/" + __version__
+
+    def setup(self):
+        super().setup()
+        head, whole = b"", False
+        deadline = time.monotonic() + self.request_time
+        try:
+            while not whole:
+                whole = b"\r\n\r\n" in head or b"\n\n" in head
+                left = deadline - time.monotonic()
+                if whole or left <= 0 or len(head) > self.max_request:
+                    break
+                self.connection.settimeout(left)
+                data = self.connection.recv(4096)
+                if not data:
+                    break
+                head += data
+        except OSError:
+            pass
+        self.connection.settimeout(self.timeout)
+        self.rfile.close()      # an empty request is closed with no answer
+        self.rfile = io.BytesIO(head if whole and len(head) <= self.max_request else b"")
 
     def do_GET(self, head=False):
         if self.path.split("?", 1)[0] != "/metrics":
@@ -2542,9 +2569,11 @@ class _MetricsServer(_ThreadPerRequest, HTTPServer):
 
     allow_reuse_address = True
     request_queue_size = 128
+    max_clients = 16            # requests served at once; more are closed at once
 
     def __init__(self, address, shared, counters):
         self.shared, self.counters = shared, counters
+        self.clients = 0
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         HTTPServer.__init__(self, address, _MetricsHandler)
@@ -2552,6 +2581,22 @@ class _MetricsServer(_ThreadPerRequest, HTTPServer):
     def server_bind(self):
         socketserver.TCPServer.server_bind(self)   # skip HTTPServer's getfqdn()
         self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        with self.shared.lock:
+            full = self.clients >= self.max_clients
+            self.clients += not full
+        if full:
+            self.shutdown_request(request)
+        else:
+            super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.shared.lock:
+                self.clients -= 1
 
 
 def _serve(servers, wake, stopping, watch_fd=None, reap=None, interval=None):

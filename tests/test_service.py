@@ -20,7 +20,7 @@ import unittest
 from unittest import mock
 
 import blackhole
-from tests.support import HOST, ROOT, ServerTestCase, TIMEOUT, free_port, kill_group, run_cli, \
+from tests.support import HOST, ROOT, RawClient, ServerTestCase, TIMEOUT, free_port, kill_group, run_cli, \
     wait_until, write_config
 
 BLACKHOLE = os.path.join(ROOT, "blackhole.py")
@@ -755,6 +755,48 @@ class PrivilegesTest(ProcessTestCase):
         self.assertNotIn("warning", read_text(log))
         os.kill(proc.pid, signal.SIGTERM)
         self.assertEqual(proc.wait(2), 0)
+
+
+class MetricsAbuseTest(ServerTestCase):
+    """/metrics costs a slow or huge client little, and Prometheus still gets
+    its answer (SPEC 8): requests are bounded in number, time and size."""
+
+    options = {"metrics_listen": "127.0.0.1:0"}
+
+    def connect(self):
+        client = RawClient(self.server.metrics_address)
+        self.addCleanup(client.close)
+        return client
+
+    def test_at_most_max_clients(self):
+        with mock.patch.object(blackhole._MetricsServer, "max_clients", 2):
+            server = self.start_server(metrics_listen="127.0.0.1:0")
+            self.server = server
+            slow = [self.connect() for _ in range(2)]
+            wait_until(lambda: server.metrics.clients == 2)
+            self.assertTrue(self.connect().closed())    # at once, with no answer
+            slow[0].close()
+            wait_until(lambda: server.metrics.clients == 1)
+            self.assertEqual(http_get(server.metrics_address, "/metrics")[0], 200)
+
+    def test_a_request_has_a_deadline(self):
+        with mock.patch.object(blackhole._MetricsHandler, "request_time", 0.2):
+            client = self.connect()
+            client.send(b"GET /metrics HTTP/1.1\r\nX-Slow: ")    # and no more
+            started = time.monotonic()
+            self.assertTrue(client.closed())
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertEqual(client.buf, b"")
+
+    def test_a_request_is_bounded_in_size(self):
+        client = self.connect()
+        try:
+            client.send(b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+        except OSError:         # closed while we were still sending
+            pass
+        self.assertTrue(client.closed())
+        self.assertEqual(client.buf, b"")
+        self.assertEqual(http_get(self.server.metrics_address, "/metrics")[0], 200)
 
 
 class EmbeddedMetricsTest(ServerTestCase):
