@@ -15,15 +15,20 @@ from contextlib import closing, suppress
 from unittest import mock
 
 import blackhole
-from tests.support import (CERT, HOST, KEY, TIMEOUT, RawClient, ServerTestCase, run_cli,
-                           wait_until, write_config)
+from tests.support import (CERT, GO_AHEAD, HOST, KEY, MAIL_OK, QUEUED, RCPT_OK, TIMEOUT,
+                           RawClient, ServerTestCase, run_cli, wait_until, write_config)
 
 MESSAGE = b"From: a@example.com\r\nSubject: %d\r\n\r\nhello\r\n"
 SHUTTING_DOWN = b"421 4.3.2 bh.test Service shutting down\r\n"
+GREETING = b"220 bh.test ESMTP\r\n"
 
 
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
+
+
+def accept_threads():
+    return [t for t in threading.enumerate() if t.name == "blackhole-accept"]
 
 
 class LifecycleTest(unittest.TestCase):
@@ -737,6 +742,286 @@ def _quit(address):
         sock.recv(100)
         sock.sendall(b"QUIT\r\n")
         sock.recv(100)
+
+
+class LifecycleNestingTest(unittest.TestCase):
+    """tests/test_embed.py: a nested start() returns, and neither a stop()
+    made during start() nor one nested in stop() outlives its call (the
+    `_busy` / `_stop_after_start` bookkeeping of Server)."""
+
+    def greets(self, server):
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), GREETING)
+
+    def test_a_nested_start_returns_at_once(self):
+        """As a signal handler calling start() while this thread is in start()."""
+        class Server(blackhole.Server):
+            nested = 1
+
+            def bind(self):
+                super().bind()
+                if self.nested:
+                    self.nested -= 1
+                    self.start()
+
+        server = Server(hostname=HOST)
+        self.addCleanup(server.stop)
+        server.start()
+        self.assertEqual(len(accept_threads()), 1)
+        self.greets(server)
+        server.stop()
+        self.assertEqual(accept_threads(), [])
+
+    def test_a_server_stopped_during_start_starts_again(self):
+        """The stop() deferred to the end of start() is done once, not at
+        every later start()."""
+        class Server(blackhole.Server):
+            stops = 1
+
+            def bind(self):
+                super().bind()
+                if self.stops:
+                    self.stops -= 1
+                    self.stop()
+
+        server = Server(hostname=HOST)
+        self.addCleanup(server.stop)
+        server.start()
+        self.assertIsNone(server.address)       # stopped when start() ended
+        server.start()
+        self.assertIsNotNone(server.address)
+        self.greets(server)
+
+    def test_a_nested_stop_leaves_the_next_start_alone(self):
+        """A stop() nested in stop() (a signal handler) returns; it must not
+        be taken for one made during start() and stop the next start()."""
+        server = blackhole.Server(hostname=HOST).start()
+        self.addCleanup(server.stop)
+        close_sessions = server._close_sessions
+
+        def close_and_nest(grace):
+            server.stop()
+            close_sessions(grace)
+
+        with mock.patch.object(server, "_close_sessions", close_and_nest):
+            server.stop()
+        server.start()
+        self.assertIsNotNone(server.address)
+        self.greets(server)
+
+
+class StopGraceTest(unittest.TestCase):
+    """tests/test_embed.py: _close_sessions' second grace for on_message."""
+
+    def start_blocked(self, release, threads, linger=0):
+        def on_message(envelope):
+            threads.append(threading.current_thread())
+            release.wait(TIMEOUT)
+            time.sleep(linger)      # a slow callback, not a wait for anything
+
+        server = blackhole.Server(hostname=HOST, on_message=on_message).start()
+        self.addCleanup(server.stop)
+        self.addCleanup(lambda: [thread.join(TIMEOUT) for thread in threads])
+        self.addCleanup(release.set)
+        client = RawClient(server.address)
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), GREETING)
+        client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+        self.assertEqual(client.line() + client.line() + client.line(),
+                         MAIL_OK + RCPT_OK + GO_AHEAD)
+        client.send(b"hi\r\n.\r\n")
+        wait_until(lambda: threads, message="on_message to be called")
+        return server, client
+
+    def test_an_on_message_left_running_loses_its_connection(self):
+        """stop() returns with the client's connection ended (it gets no
+        reply, not one much later), and its warning gives both graces."""
+        release, threads = threading.Event(), []
+        server, client = self.start_blocked(release, threads)
+        with self.assertLogs("blackhole", "WARNING") as logs:
+            server.stop(grace=0.1)
+        self.assertIn("left running after 0.2 s", logs.output[0])
+        self.assertTrue(threads[0].is_alive())          # still in on_message
+        client.sock.settimeout(TIMEOUT / 2)             # on_message waits TIMEOUT
+        self.assertEqual(client.line(), b"")            # EOF while it still runs
+
+    def test_an_on_message_ending_in_the_second_grace_is_joined(self):
+        """One that returns after the first grace but within the second is
+        joined, without the left-running warning."""
+        release, threads = threading.Event(), []
+        server, client = self.start_blocked(release, threads, linger=0.1)
+        warnings = []
+        stopper = threading.Thread(target=lambda: server.stop(grace=1.0))
+        with mock.patch.object(blackhole.log, "warning",
+                               lambda *args: warnings.append(args)):
+            stopper.start()
+            # the end of the first grace shuts the session's socket: EOF here
+            self.assertEqual(client.line(), b"")
+            release.set()                   # on_message returns 0.1 s into the second
+            stopper.join(TIMEOUT)
+        self.assertFalse(stopper.is_alive())
+        self.assertEqual(warnings, [])
+        self.assertFalse(threads[0].is_alive())
+
+
+class RestartAfterParkingTest(unittest.TestCase):
+    """tests/test_embed.py (ThreadReuseTest): stop() empties the table of
+    parked threads, so a restarted server never hands a connection to a
+    thread that has ended."""
+
+    def session(self, server):
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), GREETING)
+            self.assertEqual(client.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+            self.assertTrue(client.closed())
+
+    def test_a_restarted_server_serves_after_threads_were_parked(self):
+        with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", 30):
+            server = blackhole.Server(hostname=HOST).start()
+            self.addCleanup(server.stop)
+            self.session(server)
+            wait_until(lambda: len(server.shared.idle) == 1, message="a parked thread")
+            server.stop()
+            server.start()
+            self.session(server)
+
+
+class HandOverTest(unittest.TestCase):
+    """tests/test_embed.py (ThreadReuseTest): a parked thread handed a
+    connection is where stop() looks from the hand-over on, before its
+    session's setup(), so stop() joins it."""
+
+    def test_stop_joins_a_reused_thread_still_in_setup(self):
+        entered, go_on = threading.Event(), threading.Event()
+        setup, shutdown = blackhole.SMTPHandler.setup, blackhole._shutdown
+        calls = []
+
+        def slow_setup(handler):
+            calls.append(handler)
+            if len(calls) == 2:             # the second session, on the parked thread
+                entered.set()
+                go_on.wait(TIMEOUT)
+            setup(handler)
+
+        def shutdown_and_go_on(sock, how):  # stop() wakes the sessions it knows
+            shutdown(sock, how)
+            go_on.set()
+
+        with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", 30), \
+                mock.patch.object(blackhole.SMTPHandler, "setup", slow_setup), \
+                mock.patch.object(blackhole, "_shutdown", shutdown_and_go_on):
+            server = blackhole.Server(hostname=HOST).start()
+            self.addCleanup(server.stop)
+            with closing(RawClient(server.address)) as client:
+                self.assertEqual(client.line(), GREETING)
+                self.assertEqual(client.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+                self.assertTrue(client.closed())
+            wait_until(lambda: len(server.shared.idle) == 1, message="a parked thread")
+            (parked,) = server.shared.idle
+            second = RawClient(server.address)
+            self.addCleanup(go_on.set)
+            self.addCleanup(second.close)
+            self.assertTrue(entered.wait(TIMEOUT))
+            server.stop()
+            self.assertFalse(parked.is_alive())
+            self.assertTrue(second.closed())    # its session is over, not serving on
+
+
+    def test_stop_joins_a_new_session_thread_still_in_setup(self):
+        entered, go_on = threading.Event(), threading.Event()
+        setup, shutdown = blackhole.SMTPHandler.setup, blackhole._shutdown
+        threads = []
+
+        def slow_setup(handler):
+            threads.append(threading.current_thread())
+            entered.set()
+            go_on.wait(TIMEOUT)
+            setup(handler)
+
+        def shutdown_and_go_on(sock, how):
+            shutdown(sock, how)
+            go_on.set()
+
+        with mock.patch.object(blackhole.SMTPHandler, "setup", slow_setup), \
+                mock.patch.object(blackhole, "_shutdown", shutdown_and_go_on):
+            server = blackhole.Server(hostname=HOST).start()
+            self.addCleanup(server.stop)
+            client = RawClient(server.address)
+            self.addCleanup(go_on.set)
+            self.addCleanup(client.close)
+            self.assertTrue(entered.wait(TIMEOUT))
+            server.stop()
+            self.assertFalse(threads[0].is_alive())
+            self.assertTrue(client.closed())
+
+
+class LateTimeoutTest(unittest.TestCase):
+    """tests/test_embed.py (ThreadReuseTest): a parked thread whose
+    idle_seconds run out just as a connection is handed to it serves that
+    connection (_Parked.wait), it does not drop it."""
+
+    def test_a_connection_handed_as_the_idle_time_ends_is_served(self):
+        handed = threading.Event()
+
+        class LateLock:
+            """The parked thread's lock: its timed wait ends in a timeout
+            only once the job was handed, as when both happen at once."""
+
+            def __init__(self, lock):
+                self.lock = lock
+
+            def acquire(self, timeout=None):
+                if timeout is None or handed.is_set():
+                    return self.lock.acquire(timeout=-1 if timeout is None else timeout)
+                handed.wait(TIMEOUT)
+                return False
+
+            def release(self):
+                self.lock.release()
+                handed.set()
+
+        init = blackhole._Parked.__init__
+
+        def late_init(parked):
+            init(parked)
+            parked.ready = LateLock(parked.ready)
+
+        with mock.patch.object(blackhole._Parked, "__init__", late_init):
+            with blackhole.Server(hostname=HOST) as server:
+                for count in range(2):      # the second is handed to the parked thread
+                    if count:
+                        wait_until(lambda: len(server.shared.idle) == 1,
+                                   message="a parked thread")
+                    with closing(RawClient(server.address)) as client:
+                        self.assertEqual(client.line(), GREETING)
+                        self.assertEqual(client.cmd(b"QUIT"), b"221 2.0.0 Goodbye\r\n")
+                        self.assertTrue(client.closed())
+                self.assertTrue(handed.is_set())
+
+
+class CaptureEdgesTest(ServerTestCase):
+    """tests/test_embed.py (StatsAndCaptureTest): an on_message that raises
+    any Exception (not only RuntimeError) is logged and contained, and
+    capture still keeps the envelope when on_message is given too (9)."""
+
+    options = None
+
+    def send(self, server, count):
+        with closing(RawClient(server.address)) as client:
+            self.assertEqual(client.line(), GREETING)
+            for _ in range(count):
+                client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\nhi\r\n.\r\n")
+                replies = [client.reply() for _ in range(4)]
+                self.assertRegex(replies[3], QUEUED)
+
+    def test_any_on_message_exception_is_logged_and_contained(self):
+        def on_message(envelope):
+            raise KeyError("a bug in the test's callback")
+        server = self.start_server(on_message=on_message, capture=1)
+        with self.assertLogs("blackhole", "ERROR") as logs:
+            self.send(server, 1)
+        self.assertIn("on_message raised", logs.output[0])
+        self.assertEqual(len(server.messages), 1)       # and capture has it
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import smtplib
 import socket
 import ssl

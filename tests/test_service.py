@@ -15,13 +15,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from unittest import mock
 
 import blackhole
-from tests.support import HOST, ROOT, RawClient, ServerTestCase, TIMEOUT, free_port, kill_group, run_cli, \
-    wait_until, write_config
+from tests.support import (HOST, ROOT, TIMEOUT, RawClient, ServerTestCase, free_port, kill_group,
+                           run_cli, wait_until, write_config)
 
 BLACKHOLE = os.path.join(ROOT, "blackhole.py")
 GREETING = b"220 %s ESMTP\r\n" % HOST.encode()
@@ -855,6 +856,190 @@ class BackgroundLateErrorTest(ProcessTestCase):
             "blackhole: %s: pidfile = %s: cannot write: No such file or directory\n"
             % (conf, pidfile)).encode())
         self.assertEqual(processes_using(conf), [])
+
+
+class WorkerLifeTest(ProcessTestCase):
+    """tests/test_service.py (WorkersTest): what a worker's death and its
+    supervisor's death do (SPEC 7, 8)."""
+
+    def test_workers_end_when_the_supervisor_is_killed(self):
+        """SIGKILL leaves the supervisor no time to stop its workers: each
+        sees its pipe to the supervisor close and stops on its own."""
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n" % port, "-q")
+        self.serving(proc, log, port)
+        workers = self.workers_of(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT)
+        wait_until(lambda: all(gone(pid) for pid in workers), timeout=5,
+                   message="the orphaned workers to exit")
+
+    def test_restarts_back_off(self):
+        """A worker that keeps dying is restarted after 0.1 s, then twice
+        as long each time."""
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n" % port, "-q")
+        self.serving(proc, log, port)
+        known = set(self.workers_of(proc))
+        victim = min(known)
+        for seconds in ("0.1", "0.2", "0.4"):
+            os.kill(victim, signal.SIGKILL)
+            line = "(pid %d) was killed by signal 9; restarting in %ss" % (victim, seconds)
+            wait_until(lambda: line in read_text(log), timeout=5, message=line)
+            wait_until(lambda: set(children(proc.pid)) - known, timeout=5,
+                       message="a replacement worker")
+            (victim,) = set(children(proc.pid)) - known
+            known.add(victim)
+
+    def test_workers_ended_with_the_supervisor_are_not_restarted(self):
+        """Ctrl-C reaches the workers and the supervisor at once; here the
+        workers' ends are surely seen in the same wake-up as the SIGINT."""
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n" % port, "-q")
+        self.serving(proc, log, port)
+        workers = self.workers_of(proc)
+        self.pause(proc.pid)                    # its signals wait, pending
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        wait_until(lambda: all(gone(pid) for pid in workers), message="workers gone")
+        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGCONT)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertNotIn("restarting", read_text(log))
+        self.assertEqual(read_text(log).splitlines()[-1], "blackhole: stopped")
+
+    def test_one_counters_line_per_sigusr1_to_the_supervisor(self):
+        """The supervisor wakes again (here: a worker dies) without logging
+        the counters a second time."""
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n" % port, "-q")
+        self.serving(proc, log, port)
+        workers = self.workers_of(proc)
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_until(lambda: "counters:" in read_text(log), message="a counters line")
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: set(children(proc.pid)) - set(workers), timeout=5,
+                   message="a replacement worker")
+        self.assertEqual(read_text(log).count("counters:"), 1)
+
+    def test_sigusr1_to_a_worker_logs_its_own_counters(self):
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nworkers = 2\n" % port, "-q")
+        self.serving(proc, log, port)
+        first, second = self.workers_of(proc)
+        os.kill(first, signal.SIGUSR1)
+        wait_until(lambda: "counters:" in read_text(log), message="a counters line")
+        lines = [line for line in read_text(log).splitlines() if "counters:" in line]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("blackhole: counters: connections_total="))
+        self.assertEqual(proc.poll(), None)
+
+
+class GroupTest(ProcessTestCase):
+    """tests/test_service.py (PrivilegesTest): `group` wins over the user's
+    own group (SPEC 7)."""
+
+    @unittest.skipUnless(hasattr(os, "getuid") and os.getuid() == 0,
+                         "dropping privileges needs root (CI runs the tests as root)")
+    def test_group_other_than_the_users_own(self):
+        import grp
+        import pwd
+        user = pwd.getpwnam("nobody")
+        others = [g for g in grp.getgrall() if g.gr_gid not in (0, user.pw_gid)]
+        if not others:
+            self.skipTest("no group other than root and nobody's own")
+        group = others[0]
+        port = free_port()
+        proc, log = self.start("listen = 127.0.0.1:%d\nuser = nobody\ngroup = %s\n"
+                               % (port, group.gr_name))
+        self.serving(proc, log, port)
+        with open("/proc/%d/status" % proc.pid) as handle:
+            status = dict(line.split(":", 1) for line in handle.read().splitlines())
+        self.assertEqual(status["Uid"].split(), [str(user.pw_uid)] * 4)
+        self.assertEqual(status["Gid"].split(), [str(group.gr_gid)] * 4)
+        self.assertEqual(status["Groups"].split(), [str(group.gr_gid)])
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
+
+class BackgroundPidfileDefaultTest(unittest.TestCase):
+    """tests/test_cli.py: -b without `pidfile` writes /tmp/blackhole.pid
+    (SPEC 3).  main() runs in this process with the fork, the signals and
+    the serving loop replaced, so no file outside the test is touched."""
+
+    def test_background_pidfile_defaults_to_tmp(self):
+        conf = write_config(self, "listen = 127.0.0.1:0\nhostname = bh.test\n")
+        read_fd, write_fd = os.pipe()
+        self.addCleanup(os.close, read_fd)
+        calls = []
+        logger = blackhole.log
+        saved = list(logger.handlers), logger.level, logger.propagate
+
+        def restore():
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
+        self.addCleanup(restore)
+        with mock.patch.object(blackhole, "_daemonize", lambda: write_fd), \
+                mock.patch.object(blackhole, "_write_pidfile",
+                                  lambda path, source: calls.append(("write", path))), \
+                mock.patch.object(blackhole, "_remove_pidfile",
+                                  lambda path: calls.append(("remove", path))), \
+                mock.patch.object(blackhole, "_Signals", mock.MagicMock()), \
+                mock.patch.object(blackhole, "_run",
+                                  lambda server, signals: server._close_listeners()), \
+                mock.patch.object(blackhole, "_listening", lambda server: None), \
+                mock.patch.object(threading, "stack_size"), \
+                mock.patch.object(sys, "stderr", mock.MagicMock()):
+            self.assertEqual(blackhole.main(["-q", "-b", "-c", conf]), 0)
+        self.assertEqual(calls, [("write", "/tmp/blackhole.pid"),
+                                 ("remove", "/tmp/blackhole.pid")])
+        self.assertEqual(os.read(read_fd, 16), b"ok")     # the launcher's word
+
+
+class PidfileTest(ProcessTestCase):
+    """tests/test_service.py: the pidfile at exit, and -b's standard input."""
+
+    def test_a_pidfile_another_process_took_over_is_left(self):
+        """A second instance given the same pidfile wrote its pid there: the
+        first one, stopping, must not remove it."""
+        port, pidfile = free_port(), os.path.join(self.tempdir(), "bh.pid")
+        proc, log = self.start("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile), "-q")
+        self.serving(proc, log, port)
+        with open(pidfile, "w") as handle:
+            handle.write("%d\n" % os.getpid())      # as the other instance would
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        with open(pidfile) as handle:
+            self.assertEqual(handle.read(), "%d\n" % os.getpid())
+
+    def test_background_lets_go_of_a_standard_input_file(self):
+        """`-b < file`: the daemon keeps only a standard output or error
+        that is a file (its log), never standard input."""
+        port, folder = free_port(), self.tempdir()
+        pidfile, infile = os.path.join(folder, "bh.pid"), os.path.join(folder, "in.txt")
+        with open(infile, "w") as handle:
+            handle.write("input\n")
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+        with open(infile) as stdin:
+            launcher = subprocess.run([sys.executable, os.path.join(ROOT, "blackhole.py"),
+                                       "-q", "-b", "-c", conf], stdin=stdin,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      cwd=ROOT, timeout=TIMEOUT)
+        self.assertEqual((launcher.returncode, launcher.stderr), (0, b""))
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+        self.addCleanup(_kill_quietly, pid)
+        self.assertEqual(os.readlink("/proc/%d/fd/0" % pid), os.devnull)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: gone(pid), message="the daemon to exit")
+
+
+def _kill_quietly(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 if __name__ == "__main__":

@@ -1103,5 +1103,76 @@ class BdatRefusedChunkTest(ServerTestCase):
         self.assertEqual((stats["bytes_received"], stats["messages_too_big"]), (10, 0))
 
 
+class DelayedCountingTest(ServerTestCase):
+    """tests/test_session.py (next to test_a_delayed_message_is_counted_when_
+    its_client_is_gone): a message with a delay counts its octets and its
+    sender issues before the wait, its result after, once each (8, 11)."""
+
+    def test_a_delayed_message_counts_its_sender_issues(self):
+        waits = []
+
+        def no_wait(handler, seconds):      # the delay, without its seconds
+            waits.append(seconds)
+
+        with mock.patch.object(blackhole.SMTPHandler, "_wait", no_wait):
+            raw = self.raw()
+            raw.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                     b"X-Blackhole-Delay: 5\r\n\r\nbody\r\n.\r\n")
+            self.assertEqual(raw.reply() + raw.reply() + raw.reply(),
+                             MAIL_OK + RCPT_OK + GO_AHEAD)
+            self.assertRegex(raw.reply(), QUEUED)
+        self.assertIn(5, waits)
+        stats = self.server.stats
+        self.assertEqual((stats["messages_accepted"], stats["bytes_received"]), (1, 30))
+        for issue in ("missing_date", "missing_from", "missing_message_id", "no_helo"):
+            self.assertEqual(stats["sender_issues_" + issue], 1, issue)
+
+
+class StuckWriterTimeoutTest(ServerTestCase):
+    """tests/test_hostile.py (SilentReaderTest): a client that sent its
+    commands and then neither reads nor writes leaves the session blocked
+    in a write; the timeout's second kick shuts the socket (4.5)."""
+
+    options = {"timeout": 1}
+
+    def test_a_client_gone_quiet_with_replies_unread_is_cut_off(self):
+        setup = blackhole.SMTPHandler.setup
+
+        def small_buffer(handler):      # as a link with a zero window would
+            setup(handler)
+            handler.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with mock.patch.object(blackhole.SMTPHandler, "setup", small_buffer):
+            sock.connect(self.server.address)
+            # 3 KB of commands, all read at once; 100 KB of replies, never read
+            sock.sendall(b"EXPN all\r\n" * 300)
+            wait_until(lambda: self.server.stats["connections_active"] == 1,
+                       message="a session")
+            started = time.monotonic()
+            wait_until(lambda: self.server.stats["connections_active"] == 0,
+                       message="the session cut off")
+        self.assertLess(time.monotonic() - started, 8)  # 2 x timeout, and a busy host
+
+
+class LateKickTest(ServerTestCase):
+    """tests/test_session.py (TimeTest): the reaper's kick() re-reads the
+    deadline; a line that came after the reaper looked (a new, later
+    deadline) is not cut off."""
+
+    options = {"timeout": 60}
+
+    def test_a_kick_before_the_deadline_does_nothing(self):
+        raw = self.raw()
+        self.assertEqual(raw.cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+        with self.server.shared.lock:
+            (session,) = self.server.shared.sessions.values()
+        wait_until(lambda: session.deadline is not None, message="the next line awaited")
+        session.kick(time.monotonic())          # as a reaper that looked a moment ago
+        self.assertFalse(session.timed_out)
+        self.assertEqual(raw.cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+
+
 if __name__ == "__main__":
     unittest.main()
