@@ -1269,6 +1269,8 @@ class _Shared:
     """What every session of one process shares: counters and tables."""
 
     max_counts = 100000     # address directive xK counts and seeded sequences
+    tls_refusals = 10       # 421s a second sent over TLS, each at a handshake's cost;
+                            # more refused clients of a tls_listen port are just closed
 
     def __init__(self, config, stats=None, capture=0, on_message=None):
         self.config = config
@@ -1282,6 +1284,7 @@ class _Shared:
         self.awaiting_header = 0        # connections yet to send their PROXY header
         self.greylists = {}             # period -> Greylist
         self.rate = TokenBucket(*config.rate_limit) if config.rate_limit else None
+        self.tls_refused = TokenBucket(self.tls_refusals, 1.0)
         self.counts = collections.OrderedDict()
         self.ids = itertools.count(1)
         self.id_prefix = "%x.%d" % (_unique_ns(), os.getpid())
@@ -1456,7 +1459,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     """
 
     disable_nagle_algorithm = True  # section 7: else ~40 ms per pipelined message
-    read_size = 65536               # octets asked of each recv()
+    read_size = 65536               # octets asked of each recv() in message data
+    command_read_size = 4096        # and for commands: what an idle session's recv()
+                                    # holds (85 KB after a burst, at 64 KB)
     max_line = 12288                # any command line; the excess is discarded (4.4)
     max_strict_line = 512           # RFC 5321 4.5.3.1.4, enforced with strict
     max_unknown = 10                # unknown commands before the session is closed
@@ -1486,6 +1491,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self._buf = b""                 # bytes received, not yet used
         self._pos = 0                   # first unused octet in _buf
         self._out = []                  # replies not yet written
+        self._command_read = min(self.command_read_size, self.read_size)
         self._timeout = config.timeout or None
         self.deadline = None            # when the line awaited now is overdue
         self.timed_out = False          # the reaper cut the session off
@@ -1562,6 +1568,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             log.debug("%s connected to %s", self.peer,
                       _hostport(*self.server.server_address[:2]))
         if self.listener.tls:       # TLS from the first octet: the 421 too
+            if refusal and not self.shared.tls_refused.take(None):
+                raise _Disconnect("refused: %s (closed: too many for TLS)" % refusal)
             self._start_tls(self.final_write_timeout if refusal else None)
         if refusal:
             if self._debug:
@@ -1590,12 +1598,12 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
     # ----- reading and writing -----------------------------------------------
 
-    def _recv(self):
-        """One block from the client; never b"" (the end raises)."""
+    def _recv(self, size):
+        """One block of at most size octets; never b"" (the end raises)."""
         if self._out:
             self._flush()
         try:
-            data = self.sock.recv(self.read_size)
+            data = self.sock.recv(size)
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
             data = b""
         if not data:
@@ -1655,7 +1663,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if len(buf) > limit:
                 too_long, buf = True, b""
             start = len(buf)
-            buf += self._recv()
+            buf += self._recv(self._command_read)
             end = buf.find(b"\n", start)
         self._buf, self._pos = buf, end + 1
         self.deadline = None
@@ -2047,7 +2055,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if end_of_data:
                 self._buf = window[end_of_data.end():]
                 break
-            data = self._recv()
+            data = self._recv(self.read_size)
             if data.find(b"\n") >= 0:
                 self._start_clock()
             if end == len(window) and len(data) > 1 and data[0] != 10 and data[0] != 46:
@@ -2070,7 +2078,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         while count:
             buf, pos = self._buf, self._pos
             if pos >= len(buf):
-                buf, pos = self._recv(), 0
+                buf, pos = self._recv(self.read_size), 0
                 if buf.find(b"\n") >= 0:
                     self._start_clock()
             seg = buf[pos:pos + count]

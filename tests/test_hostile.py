@@ -585,6 +585,29 @@ class AcceptFailureTest(unittest.TestCase):
                                        "Too many open files"])
 
 
+class ReadSizeTest(ServerTestCase):
+    """A session awaiting a command asks recv() for command_read_size
+    octets, not read_size: an idle session's buffer stays small."""
+
+    def test_commands_small_data_large(self):
+        sizes, recv = [], blackhole.SMTPHandler._recv
+
+        def recording(handler, size):
+            sizes.append(size)
+            return recv(handler, size)
+
+        with mock.patch.object(blackhole.SMTPHandler, "_recv", recording):
+            client = self.raw()
+            self.assertEqual(client.cmd(b"NOOP"), b"250 2.0.0 OK\r\n")
+            self.assertEqual(client.cmd(b"DATA")[:4], b"354 ")
+            client.send(b"x" * 100000 + b"\r\n.\r\n")
+            self.assertRegex(client.reply(), QUEUED)
+        handler_class = blackhole.SMTPHandler
+        # NOOP, DATA and the command after the message; the message between
+        self.assertEqual(sizes[:2] + sizes[-1:], [handler_class.command_read_size] * 3)
+        self.assertEqual(set(sizes[2:-1]), {handler_class.read_size})
+
+
 class DotStuffingTest(ServerTestCase):
     """A dot on every line costs no Python per line: the content is checked
     and kept a block at a time (a client sending `..` lines used 60 times

@@ -3,6 +3,7 @@
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -193,6 +194,20 @@ class TLSRefusalTest(TLSCase):
                          (421, b"4.7.0 bh.test Too many connections from your address"))
         self.assertEqual(first.noop(), (250, b"2.0.0 OK"))
         self.assertEqual(self.server.stats["faults_connections_per_ip"], 1)
+
+    def test_refusals_over_tls_are_bounded(self):
+        """Each costs a handshake; past tls_refusals a second, refused
+        clients are closed without one (10.3)."""
+        with mock.patch.object(blackhole._Shared, "tls_refusals", 1):
+            server = self.start_server(**self.options)
+        first = self.smtp_ssl(server)
+        with self.assertRaises(smtplib.SMTPConnectError):
+            self.smtp_ssl(server)                       # the 421, over TLS
+        with socket.create_connection(server.tls_address, timeout=TIMEOUT) as sock:
+            with self.assertRaises(OSError):            # no handshake: closed at once
+                client_context().wrap_socket(sock, server_hostname="localhost").close()
+        self.assertEqual(first.noop(), (250, b"2.0.0 OK"))
+        self.assertEqual(server.stats["faults_connections_per_ip"], 2)
 
     def test_a_silent_refused_client_is_not_kept(self):
         """Even with timeout = 0 (no reaper) its handshake has
