@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import unittest
+from unittest import mock
 
 import blackhole
 
@@ -132,6 +133,17 @@ def stuff(content):
 def open_fds():
     """How many file descriptors this process has open (Linux)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def small_send_buffer(size=8192):
+    """Patch SMTPHandler.setup so that each session writes through a small
+    send buffer, as over a link whose window closed; a context manager."""
+    setup = blackhole.SMTPHandler.setup
+
+    def small(handler):
+        setup(handler)
+        handler.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    return mock.patch.object(blackhole.SMTPHandler, "setup", small)
 
 
 def wait_until(predicate, timeout=TIMEOUT, message="condition"):

@@ -745,7 +745,7 @@ def _quit(address):
 
 
 class LifecycleNestingTest(unittest.TestCase):
-    """tests/test_embed.py: a nested start() returns, and neither a stop()
+    """A nested start() returns, and neither a stop()
     made during start() nor one nested in stop() outlives its call (the
     `_busy` / `_stop_after_start` bookkeeping of Server)."""
 
@@ -811,7 +811,7 @@ class LifecycleNestingTest(unittest.TestCase):
 
 
 class StopGraceTest(unittest.TestCase):
-    """tests/test_embed.py: _close_sessions' second grace for on_message."""
+    """_close_sessions' second grace for on_message."""
 
     def start_blocked(self, release, threads, linger=0):
         def on_message(envelope):
@@ -865,7 +865,7 @@ class StopGraceTest(unittest.TestCase):
 
 
 class RestartAfterParkingTest(unittest.TestCase):
-    """tests/test_embed.py (ThreadReuseTest): stop() empties the table of
+    """Stop() empties the table of
     parked threads, so a restarted server never hands a connection to a
     thread that has ended."""
 
@@ -887,7 +887,7 @@ class RestartAfterParkingTest(unittest.TestCase):
 
 
 class HandOverTest(unittest.TestCase):
-    """tests/test_embed.py (ThreadReuseTest): a parked thread handed a
+    """A parked thread handed a
     connection is where stop() looks from the hand-over on, before its
     session's setup(), so stop() joins it."""
 
@@ -956,7 +956,7 @@ class HandOverTest(unittest.TestCase):
 
 
 class LateTimeoutTest(unittest.TestCase):
-    """tests/test_embed.py (ThreadReuseTest): a parked thread whose
+    """A parked thread whose
     idle_seconds run out just as a connection is handed to it serves that
     connection (_Parked.wait), it does not drop it."""
 
@@ -1000,7 +1000,7 @@ class LateTimeoutTest(unittest.TestCase):
 
 
 class CaptureEdgesTest(ServerTestCase):
-    """tests/test_embed.py (StatsAndCaptureTest): an on_message that raises
+    """An on_message that raises
     any Exception (not only RuntimeError) is logged and contained, and
     capture still keeps the envelope when on_message is given too (9)."""
 

@@ -23,7 +23,8 @@ import unittest
 from unittest import mock
 
 import blackhole
-from tests.support import CA, CERT, HOST, KEY, TIMEOUT, RawClient, ServerTestCase, wait_until
+from tests.support import (CA, CERT, HOST, KEY, TIMEOUT, RawClient, ServerTestCase,
+                           small_send_buffer, wait_until)
 
 try:
     import resource
@@ -975,15 +976,10 @@ class SilentReaderTest(ServerTestCase):
         """After QUIT the session is out of the counts, so its last write has
         final_write_timeout, not the reaper's 2 x timeout (here: never)."""
         server = self.start_server(timeout=0)
-        setup = blackhole.SMTPHandler.setup
-
-        def small_buffer(handler):      # as a link with a zero window would
-            setup(handler)
-            handler.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         sock = socket.socket()
         self.addCleanup(sock.close)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        with mock.patch.object(blackhole.SMTPHandler, "setup", small_buffer), \
+        with small_send_buffer(), \
                 mock.patch.object(blackhole.SMTPHandler, "final_write_timeout", 0.1):
             sock.connect(server.address)
             sock.sendall(b"EXPN all\r\n" * 254 + b"QUIT\r\n")      # 100 KB of replies
@@ -997,6 +993,29 @@ def _send_quietly(sock, data):
         sock.sendall(data)
     except OSError:
         pass
+
+
+class StuckWriterTimeoutTest(ServerTestCase):
+    """A client that sent its
+    commands and then neither reads nor writes leaves the session blocked
+    in a write; the timeout's second kick shuts the socket (4.5)."""
+
+    options = {"timeout": 1}
+
+    def test_a_client_gone_quiet_with_replies_unread_is_cut_off(self):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with small_send_buffer():
+            sock.connect(self.server.address)
+            # 3 KB of commands, all read at once; 100 KB of replies, never read
+            sock.sendall(b"EXPN all\r\n" * 300)
+            wait_until(lambda: self.server.stats["connections_active"] == 1,
+                       message="a session")
+            started = time.monotonic()
+            wait_until(lambda: self.server.stats["connections_active"] == 0,
+                       message="the session cut off")
+        self.assertLess(time.monotonic() - started, 8)  # 2 x timeout, and a busy host
 
 
 if __name__ == "__main__":

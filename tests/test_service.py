@@ -859,7 +859,7 @@ class BackgroundLateErrorTest(ProcessTestCase):
 
 
 class WorkerLifeTest(ProcessTestCase):
-    """tests/test_service.py (WorkersTest): what a worker's death and its
+    """What a worker's death and its
     supervisor's death do (SPEC 7, 8)."""
 
     def test_workers_end_when_the_supervisor_is_killed(self):
@@ -936,7 +936,7 @@ class WorkerLifeTest(ProcessTestCase):
 
 
 class GroupTest(ProcessTestCase):
-    """tests/test_service.py (PrivilegesTest): `group` wins over the user's
+    """`group` wins over the user's
     own group (SPEC 7)."""
 
     @unittest.skipUnless(hasattr(os, "getuid") and os.getuid() == 0,
@@ -963,7 +963,7 @@ class GroupTest(ProcessTestCase):
 
 
 class BackgroundPidfileDefaultTest(unittest.TestCase):
-    """tests/test_cli.py: -b without `pidfile` writes /tmp/blackhole.pid
+    """-b without `pidfile` writes /tmp/blackhole.pid
     (SPEC 3).  main() runs in this process with the fork, the signals and
     the serving loop replaced, so no file outside the test is touched."""
 
@@ -998,7 +998,7 @@ class BackgroundPidfileDefaultTest(unittest.TestCase):
 
 
 class PidfileTest(ProcessTestCase):
-    """tests/test_service.py: the pidfile at exit, and -b's standard input."""
+    """The pidfile at exit, and -b's standard input."""
 
     def test_a_pidfile_another_process_took_over_is_left(self):
         """A second instance given the same pidfile wrote its pid there: the
