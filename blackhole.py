@@ -1341,10 +1341,11 @@ class _Shared:
         return None
 
     def await_header(self):
-        """Count a connection that has yet to send its PROXY header (12) in
-        max_connections: False when there is no room for it."""
+        """Count a connection that has yet to send its PROXY header (12):
+        False when max_connections of them wait already.  (Admitted sessions
+        do not count here: a full server still answers 421 after the header.)"""
         with self.lock:
-            if self._active + self.awaiting_header >= self.config.max_connections:
+            if self.awaiting_header >= self.config.max_connections:
                 return False
             self.awaiting_header += 1
             return True
@@ -2595,16 +2596,16 @@ class _MetricsServer(_ThreadPerRequest, HTTPServer):
             full = self.clients >= self.max_clients
             self.clients += not full
         if full:
-            self.shutdown_request(request)
+            socketserver.TCPServer.shutdown_request(self, request)     # not counted
         else:
             super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.shared.lock:
-                self.clients -= 1
+    def shutdown_request(self, request):
+        """Every counted request ends here once: served, or its thread
+        could not start."""
+        with self.shared.lock:
+            self.clients -= 1
+        super().shutdown_request(request)
 
 
 def _serve(servers, wake, stopping, watch_fd=None, reap=None, interval=None):

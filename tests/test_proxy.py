@@ -568,6 +568,20 @@ class AwaitingHeaderTest(ServerTestCase):
         self.assertEqual(self.server.stats["connections_total"], 3)    # the refused too
 
 
+class FullBehindAProxyTest(ServerTestCase):
+    """A full server still answers a proxied client's header with the 421."""
+
+    options = {"listen": "127.0.0.1:0, 127.0.0.1:0 proxy=on", "max_connections": 1}
+
+    def test_the_421_after_the_header(self):
+        plain, proxied = self.server.addresses
+        self.raw(address=plain)                 # the one session allowed
+        client = self.raw(address=proxied, greeting=False)
+        client.send(v1("203.0.113.7", 40000))
+        self.assertEqual(client.line(),
+                         b"421 4.7.0 bh.test Too many connections, try again later\r\n")
+
+
 class ProxyStrictnessTest(unittest.TestCase):
     """12: only headers as HAProxy writes them."""
 

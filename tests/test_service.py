@@ -780,6 +780,23 @@ class MetricsAbuseTest(ServerTestCase):
             wait_until(lambda: server.metrics.clients == 1)
             self.assertEqual(http_get(server.metrics_address, "/metrics")[0], 200)
 
+    def test_no_count_is_lost_when_a_thread_cannot_start(self):
+        start = threading.Thread.start
+
+        def no_thread(thread):
+            raise RuntimeError("can't start new thread")
+
+        server = self.start_server(metrics_listen="127.0.0.1:0")
+        with mock.patch.object(blackhole._MetricsServer, "max_clients", 2), \
+                mock.patch.object(threading.Thread, "start", no_thread):
+            for _ in range(3):
+                client = RawClient(server.metrics_address)
+                self.addCleanup(client.close)
+                self.assertTrue(client.closed())
+        self.assertIs(threading.Thread.start, start)
+        self.assertEqual(server.metrics.clients, 0)
+        self.assertEqual(http_get(server.metrics_address, "/metrics")[0], 200)
+
     def test_a_request_has_a_deadline(self):
         with mock.patch.object(blackhole._MetricsHandler, "request_time", 0.2):
             client = self.connect()
