@@ -31,6 +31,20 @@ def accept_threads():
     return [t for t in threading.enumerate() if t.name == "blackhole-accept"]
 
 
+def calling_in_bind(call):
+    """A Server whose first bind() ends by calling call(server), as a signal
+    handler arriving in the middle of start() would."""
+    class Server(blackhole.Server):
+        pending = True
+
+        def bind(self):
+            super().bind()
+            if self.pending:
+                self.pending = False
+                call(self)
+    return Server(hostname=HOST)
+
+
 class LifecycleTest(unittest.TestCase):
     """start(), stop(), the context manager and what they leave behind."""
 
@@ -154,12 +168,7 @@ class LifecycleTest(unittest.TestCase):
 
     def test_a_stop_during_start_is_done_when_start_ends(self):
         """A signal handler's stop() while this thread is in start()."""
-        class Server(blackhole.Server):
-            def bind(self):
-                super().bind()
-                self.stop()
-
-        server = Server(hostname=HOST)
+        server = calling_in_bind(blackhole.Server.stop)
         self.addCleanup(server.stop)
         server.start()
         self.assertIsNone(server.address)
@@ -351,28 +360,6 @@ class ThreadReuseTest(unittest.TestCase):
             self.assertEqual([client.reply()[:4] for _ in range(4)],
                              [b"250 ", b"250 ", b"354 ", b"250 "])
             self.assertEqual(client.line(), SHUTTING_DOWN)
-
-    def test_stop_leaves_an_on_message_that_never_returns(self):
-        release, threads = threading.Event(), []
-
-        def on_message(envelope):
-            threads.append(threading.current_thread())
-            release.wait(TIMEOUT)
-
-        server = blackhole.Server(hostname=HOST, on_message=on_message).start()
-        self.addCleanup(server.stop)
-        self.addCleanup(lambda: [thread.join(TIMEOUT) for thread in threads])
-        self.addCleanup(release.set)
-        client = RawClient(server.address)
-        self.addCleanup(client.close)
-        self.assertEqual(client.line(), b"220 bh.test ESMTP\r\n")
-        client.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\nhi\r\n.\r\n")
-        wait_until(lambda: threads)
-        started = time.monotonic()
-        with self.assertLogs("blackhole", "WARNING") as logs:
-            server.stop(grace=0.1)
-        self.assertLess(time.monotonic() - started, 1.0)
-        self.assertIn("blocked in on_message? " + threads[0].name, logs.output[0])
 
     def test_an_endless_idle_time_serves_and_stops(self):
         with mock.patch.object(blackhole.ThreadingSMTPServer, "idle_seconds", float("inf")):
@@ -745,9 +732,9 @@ def _quit(address):
 
 
 class LifecycleNestingTest(unittest.TestCase):
-    """A nested start() returns, and neither a stop()
-    made during start() nor one nested in stop() outlives its call (the
-    `_busy` / `_stop_after_start` bookkeeping of Server)."""
+    """A nested start() returns, and neither a stop() made during start()
+    nor one nested in stop() outlives its call (the `_busy` /
+    `_stop_after_start` bookkeeping of Server)."""
 
     def greets(self, server):
         with closing(RawClient(server.address)) as client:
@@ -755,16 +742,7 @@ class LifecycleNestingTest(unittest.TestCase):
 
     def test_a_nested_start_returns_at_once(self):
         """As a signal handler calling start() while this thread is in start()."""
-        class Server(blackhole.Server):
-            nested = 1
-
-            def bind(self):
-                super().bind()
-                if self.nested:
-                    self.nested -= 1
-                    self.start()
-
-        server = Server(hostname=HOST)
+        server = calling_in_bind(blackhole.Server.start)
         self.addCleanup(server.stop)
         server.start()
         self.assertEqual(len(accept_threads()), 1)
@@ -775,16 +753,7 @@ class LifecycleNestingTest(unittest.TestCase):
     def test_a_server_stopped_during_start_starts_again(self):
         """The stop() deferred to the end of start() is done once, not at
         every later start()."""
-        class Server(blackhole.Server):
-            stops = 1
-
-            def bind(self):
-                super().bind()
-                if self.stops:
-                    self.stops -= 1
-                    self.stop()
-
-        server = Server(hostname=HOST)
+        server = calling_in_bind(blackhole.Server.stop)
         self.addCleanup(server.stop)
         server.start()
         self.assertIsNone(server.address)       # stopped when start() ended
@@ -838,9 +807,12 @@ class StopGraceTest(unittest.TestCase):
         reply, not one much later), and its warning gives both graces."""
         release, threads = threading.Event(), []
         server, client = self.start_blocked(release, threads)
+        started = time.monotonic()
         with self.assertLogs("blackhole", "WARNING") as logs:
             server.stop(grace=0.1)
+        self.assertLess(time.monotonic() - started, 1.0)
         self.assertIn("left running after 0.2 s", logs.output[0])
+        self.assertIn("blocked in on_message? " + threads[0].name, logs.output[0])
         self.assertTrue(threads[0].is_alive())          # still in on_message
         client.sock.settimeout(TIMEOUT / 2)             # on_message waits TIMEOUT
         self.assertEqual(client.line(), b"")            # EOF while it still runs
@@ -865,9 +837,8 @@ class StopGraceTest(unittest.TestCase):
 
 
 class RestartAfterParkingTest(unittest.TestCase):
-    """Stop() empties the table of
-    parked threads, so a restarted server never hands a connection to a
-    thread that has ended."""
+    """stop() empties the table of parked threads, so a restarted server never
+    hands a connection to a thread that has ended."""
 
     def session(self, server):
         with closing(RawClient(server.address)) as client:
@@ -887,9 +858,8 @@ class RestartAfterParkingTest(unittest.TestCase):
 
 
 class HandOverTest(unittest.TestCase):
-    """A parked thread handed a
-    connection is where stop() looks from the hand-over on, before its
-    session's setup(), so stop() joins it."""
+    """A parked thread handed a connection is where stop() looks from the hand-
+    over on, before its session's setup(), so stop() joins it."""
 
     def test_stop_joins_a_reused_thread_still_in_setup(self):
         entered, go_on = threading.Event(), threading.Event()
@@ -956,9 +926,8 @@ class HandOverTest(unittest.TestCase):
 
 
 class LateTimeoutTest(unittest.TestCase):
-    """A parked thread whose
-    idle_seconds run out just as a connection is handed to it serves that
-    connection (_Parked.wait), it does not drop it."""
+    """A parked thread whose idle_seconds run out just as a connection is
+    handed to it serves that connection (_Parked.wait), it does not drop it."""
 
     def test_a_connection_handed_as_the_idle_time_ends_is_served(self):
         handed = threading.Event()
@@ -1000,9 +969,9 @@ class LateTimeoutTest(unittest.TestCase):
 
 
 class CaptureEdgesTest(ServerTestCase):
-    """An on_message that raises
-    any Exception (not only RuntimeError) is logged and contained, and
-    capture still keeps the envelope when on_message is given too (9)."""
+    """An on_message that raises any Exception (not only RuntimeError) is
+    logged and contained, and capture still keeps the envelope when on_message
+    is given too (9)."""
 
     options = None
 

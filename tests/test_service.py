@@ -439,13 +439,25 @@ class BackgroundTest(ProcessTestCase):
             port = busy.getsockname()[1]
             pidfile = os.path.join(self.tempdir(), "blackhole.pid")
             conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
-            result = run_cli("-q", "-b", "-c", conf)
-        self.assertEqual(result.returncode, 64)
-        self.assertEqual(result.stdout, b"")
-        self.assertEqual(result.stderr, (
-            "blackhole: %s: listen = 127.0.0.1:%d: cannot bind: Address already in use\n"
-            % (conf, port)).encode())
+            self.assertFailsToStart(conf, "%s: listen = 127.0.0.1:%d: cannot bind: "
+                                    "Address already in use" % (conf, port))
         self.assertFalse(os.path.exists(pidfile))
+
+    def test_unwritable_pidfile(self):
+        """An error the daemon meets after forking still makes the launcher
+        exit 64 with that one line."""
+        port = free_port()
+        pidfile = os.path.join(self.tempdir(), "missing", "blackhole.pid")
+        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
+        self.assertFailsToStart(conf, "%s: pidfile = %s: cannot write: No such file or "
+                                "directory" % (conf, pidfile))
+
+    def assertFailsToStart(self, conf, problem):
+        """`-q -b -c conf` exits 64 with `blackhole: problem` alone on stderr,
+        leaving no process behind."""
+        result = run_cli("-q", "-b", "-c", conf)
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (64, b"", ("blackhole: %s\n" % problem).encode()))
         self.assertEqual(processes_using(conf), [])
 
 
@@ -858,26 +870,8 @@ class MetricTypesTest(unittest.TestCase):
         self.assertEqual(set(types.values()), {"counter"})
 
 
-class BackgroundLateErrorTest(ProcessTestCase):
-    """2: an error the daemon meets after forking (here its pidfile) still
-    makes the launching process exit 64 with that one line."""
-
-    def test_unwritable_pidfile(self):
-        port = free_port()
-        pidfile = os.path.join(self.tempdir(), "missing", "blackhole.pid")
-        conf = self.config("listen = 127.0.0.1:%d\npidfile = %s\n" % (port, pidfile))
-        result = run_cli("-q", "-b", "-c", conf)
-        self.assertEqual(result.returncode, 64)
-        self.assertEqual(result.stdout, b"")
-        self.assertEqual(result.stderr, (
-            "blackhole: %s: pidfile = %s: cannot write: No such file or directory\n"
-            % (conf, pidfile)).encode())
-        self.assertEqual(processes_using(conf), [])
-
-
 class WorkerLifeTest(ProcessTestCase):
-    """What a worker's death and its
-    supervisor's death do (SPEC 7, 8)."""
+    """What a worker's death and its supervisor's death do (SPEC 7, 8)."""
 
     def test_workers_end_when_the_supervisor_is_killed(self):
         """SIGKILL leaves the supervisor no time to stop its workers: each
@@ -953,8 +947,7 @@ class WorkerLifeTest(ProcessTestCase):
 
 
 class GroupTest(ProcessTestCase):
-    """`group` wins over the user's
-    own group (SPEC 7)."""
+    """`group` wins over the user's own group (SPEC 7)."""
 
     @unittest.skipUnless(hasattr(os, "getuid") and os.getuid() == 0,
                          "dropping privileges needs root (CI runs the tests as root)")

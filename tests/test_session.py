@@ -1128,9 +1128,8 @@ class DelayedCountingTest(ServerTestCase):
 
 
 class LateKickTest(ServerTestCase):
-    """The reaper's kick() re-reads the
-    deadline; a line that came after the reaper looked (a new, later
-    deadline) is not cut off."""
+    """The reaper's kick() re-reads the deadline; a line that came after the
+    reaper looked (a new, later deadline) is not cut off."""
 
     options = {"timeout": 60}
 
